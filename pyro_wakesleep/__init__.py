@@ -1,0 +1,22 @@
+"""
+pyro-wakesleep: wake-sleep and reweighted wake-sleep inference for any Pyro model and guide.
+
+>>> from pyro_wakesleep import WakeSleep
+>>> ws = WakeSleep(model, guide, pyro.optim.Adam({"lr": 1e-3}))  # doctest: +SKIP
+>>> losses = ws.step(x)  # doctest: +SKIP
+"""
+
+from .fantasies import FantasyError, draw_fantasy, fantasy_observations, guide_arguments
+from .wake_sleep import NonFiniteLossError, WakeSleep, WakeSleepLosses
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FantasyError",
+    "NonFiniteLossError",
+    "WakeSleep",
+    "WakeSleepLosses",
+    "draw_fantasy",
+    "fantasy_observations",
+    "guide_arguments",
+]

@@ -1,0 +1,167 @@
+"""
+Fantasies: samples :math:`(z, x) \\sim p_\\theta` drawn from the model for the sleep phase, and
+the arguments that hand the fantasy :math:`x` to the guide.
+
+A fantasy is a trace of the model run with the same arguments as the real batch under
+:func:`pyro.poutine.uncondition`, so that each observed site is sampled instead of observed
+and every plate keeps the size it has on real data. The guide takes its data through its
+arguments, so the sleep phase has to call it with the fantasy where the real observation was.
+:func:`guide_arguments` does that in one of three ways, tried in this order:
+
+1. a guide with an ``observations`` keyword (the convention of Pyro's
+   ``ReweightedWakeSleep`` and ``CSIS``) is given ``observations={site: fantasy value}``;
+2. otherwise each observed value must be one of the model's arguments, positional or keyword,
+   or a contiguous view or reshape of one (``obs=x``, ``obs=x.reshape(-1, 784)``); that
+   argument is replaced by the fantasy, reshaped like the argument;
+3. a user-supplied ``fantasy_args(observations, *args, **kwargs) -> (args, kwargs)``.
+
+When none applies, :class:`FantasyError` names the site and says how to fix it: a sleep phase
+never runs a guide that would read the real data.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+from pyro import poutine
+from pyro.poutine import Trace
+
+from .objectives import sample_sites
+
+FantasyArgsFn = Callable[..., Tuple[tuple, dict]]
+
+
+class FantasyError(ValueError):
+    """The sleep phase cannot hand the model's fantasies to the guide."""
+
+
+def draw_fantasy(model: Callable, *args: Any, **kwargs: Any) -> Trace:
+    """
+    Trace the model with every observed site sampled instead of observed.
+
+    The trace is drawn without gradients: fantasies are data for the guide, and no gradient
+    flows from the sleep objective into the model's parameters.
+
+    :param model: the Pyro model.
+    :returns: the trace; observed sites are marked ``site["infer"]["was_observed"]``.
+    """
+    with torch.no_grad():
+        return poutine.trace(poutine.uncondition(model)).get_trace(*args, **kwargs)
+
+
+def fantasy_observations(trace: Trace) -> Dict[str, torch.Tensor]:
+    """The fantasy values of the model's observed sites, ``{site name: value}``."""
+    observations = {}
+    for site in sample_sites(trace):
+        if site["infer"].get("was_observed"):
+            if site["infer"].get("is_auxiliary"):
+                raise FantasyError(
+                    f"Site '{site['name']}' is a pyro.factor: a model with factors has no "
+                    "fantasies to draw, so the sleep phase cannot run. Use "
+                    "phi_objective='wake', or write the factor as a normalized distribution."
+                )
+            observations[site["name"]] = site["value"]
+    return observations
+
+
+def takes_observations(guide: Callable) -> bool:
+    """Whether the guide has an ``observations`` keyword (Pyro's RWS / CSIS convention)."""
+    try:
+        parameters = inspect.signature(guide).parameters
+    except (TypeError, ValueError):
+        return False
+    param = parameters.get("observations")
+    return param is not None and param.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.KEYWORD_ONLY,
+    )
+
+
+def _is_reshape_of(obs: torch.Tensor, arg: torch.Tensor) -> bool:
+    """Whether ``obs`` holds the same elements as ``arg`` in the same order."""
+    if obs is arg:
+        return True
+    if obs.numel() != arg.numel() or obs.device != arg.device:
+        return False
+    if not (obs.is_contiguous() and arg.is_contiguous()):
+        return False
+    if obs.numel() == 0:
+        return False
+    return (
+        obs.untyped_storage().data_ptr() == arg.untyped_storage().data_ptr()
+        and obs.storage_offset() == arg.storage_offset()
+    )
+
+
+def _find_argument(obs: Any, args: tuple, kwargs: dict) -> Optional[Tuple[str, Any]]:
+    if not isinstance(obs, torch.Tensor):
+        return None
+    for i, arg in enumerate(args):
+        if isinstance(arg, torch.Tensor) and _is_reshape_of(obs, arg):
+            return "args", i
+    for key, arg in kwargs.items():
+        if isinstance(arg, torch.Tensor) and _is_reshape_of(obs, arg):
+            return "kwargs", key
+    return None
+
+
+def guide_arguments(
+    trace: Trace,
+    args: tuple,
+    kwargs: dict,
+    *,
+    use_observations_keyword: bool,
+    fantasy_args: Optional[FantasyArgsFn] = None,
+) -> Tuple[tuple, dict]:
+    """
+    The guide's arguments for one fantasy: the real ``args``/``kwargs`` with every observation
+    replaced by its fantasy value.
+
+    :param trace: a fantasy trace from :func:`draw_fantasy`.
+    :param args: the positional arguments the model was run with.
+    :param kwargs: the keyword arguments the model was run with.
+    :param use_observations_keyword: pass ``observations={site: value}`` (way 1).
+    :param fantasy_args: the user's callable (way 3), used when way 2 does not apply.
+    :raises FantasyError: when no way applies; the message names the site.
+    """
+    observations = fantasy_observations(trace)
+    if use_observations_keyword:
+        return args, {**kwargs, "observations": observations}
+
+    new_args, new_kwargs = list(args), dict(kwargs)
+    unmatched = []
+    for name, value in observations.items():
+        obs = trace.nodes[name]["infer"]["obs"]
+        slot = _find_argument(obs, args, kwargs)
+        if slot is None:
+            unmatched.append(name)
+            continue
+        where, key = slot
+        target = args[key] if where == "args" else kwargs[key]
+        fantasy = value.reshape(target.shape).to(dtype=target.dtype)
+        if where == "args":
+            new_args[key] = fantasy
+        else:
+            new_kwargs[key] = fantasy
+    if not unmatched:
+        return tuple(new_args), new_kwargs
+    if fantasy_args is not None:
+        result = fantasy_args(observations, *args, **kwargs)
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise FantasyError(
+                "fantasy_args must return a pair (args, kwargs) for the guide, "
+                f"got {type(result).__name__}"
+            )
+        return tuple(result[0]), dict(result[1])
+    name = unmatched[0]
+    raise FantasyError(
+        f"The sleep phase cannot give the guide the fantasy of observed site '{name}': its "
+        "obs= value is not one of the model's arguments (nor a contiguous view or reshape of "
+        "one), so the guide would read the real data. Fix it one of three ways: pass the data "
+        "to the model as an argument and use it (or x.reshape/x.view of it) as obs=; give the "
+        "guide an 'observations' keyword, which receives {site name: fantasy value}; or pass "
+        "WakeSleep(..., fantasy_args=fn) with fn(observations, *args, **kwargs) returning the "
+        "guide's (args, kwargs)."
+    )

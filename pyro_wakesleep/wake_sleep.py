@@ -1,0 +1,487 @@
+"""
+:class:`WakeSleep`, an inference class alongside Pyro's :class:`~pyro.infer.SVI` that fits a
+model by wake-sleep (Hinton et al. 1995) or reweighted wake-sleep (Bornschein & Bengio 2015).
+
+The objectives themselves are written once, in :mod:`pyro_wakesleep.objectives`; fantasies in
+:mod:`pyro_wakesleep.fantasies`.
+"""
+
+from __future__ import annotations
+
+from numbers import Number
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.optim import PyroOptim
+from pyro.poutine import Trace
+from pyro.poutine.messenger import Messenger
+
+from . import objectives
+from .fantasies import FantasyArgsFn, draw_fantasy, guide_arguments, takes_observations
+from .objectives import PARTICLE_PLATE, sample_sites
+
+
+class WakeSleepLosses(NamedTuple):
+    """The losses of one step: ``wake_theta`` (the model's) and ``phi`` (the guide's)."""
+
+    wake_theta: float
+    phi: float
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss or gradient of a step is NaN or infinite; nothing was updated."""
+
+
+class _DetachSamples(Messenger):
+    """Draw each latent sample of the guide without a gradient path through the sample itself.
+
+    Wake-phi differentiates :math:`\\log q_\\phi(z \\mid x)` at fixed :math:`z`; a
+    reparameterized draw must not carry :math:`\\phi` into :math:`z` (nor into later guide
+    sites computed from it).
+    """
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if msg["is_observed"]:
+            return
+        if msg["value"] is None:
+            msg["value"] = msg["fn"](*msg["args"], **msg["kwargs"])
+        if isinstance(msg["value"], torch.Tensor):
+            msg["value"] = msg["value"].detach()
+
+
+def _particle_plate(fn: Callable, size: int, dim: int) -> Callable:
+    def vectorized(*args: Any, **kwargs: Any) -> Any:
+        with pyro.plate(PARTICLE_PLATE, size, dim=dim):
+            return fn(*args, **kwargs)
+
+    return vectorized
+
+
+def _params(trace: Trace) -> Dict[str, torch.Tensor]:
+    """The unconstrained parameters a trace touched, by name."""
+    return {
+        name: site["value"].unconstrained()
+        for name, site in trace.nodes.items()
+        if site["type"] == "param"
+    }
+
+
+def _check_sites(model_trace: Trace, guide_trace: Trace, phase: str) -> None:
+    """Every model latent is sampled by the guide and the guide samples nothing else."""
+    model_sites = {site["name"]: site for site in sample_sites(model_trace)}
+    observed = {
+        name
+        for name, site in model_sites.items()
+        if site["is_observed"] or site["infer"].get("was_observed")
+    }
+    if not observed:
+        raise ValueError(
+            "The model has no observed site: wake-sleep fits a model to data, so at least one "
+            "pyro.sample(..., obs=data) statement is needed."
+        )
+    guide_names = {site["name"] for site in sample_sites(guide_trace)}
+    for name in guide_names:
+        if name in observed:
+            raise ValueError(
+                f"The guide samples site '{name}', which the model observes. The guide should "
+                f"sample only latent sites; remove '{name}' from the guide."
+            )
+        if name not in model_sites:
+            raise ValueError(
+                f"The guide samples site '{name}', which the model does not have (in the "
+                f"{phase} phase). Rename it to match a model latent, or remove it."
+            )
+    for name in model_sites:
+        if name not in observed and name not in guide_names:
+            raise ValueError(
+                f"The model's latent site '{name}' is not sampled by the guide (in the {phase} "
+                f"phase). Add pyro.sample('{name}', ...) to the guide: wake-sleep needs a "
+                "proposal for every latent."
+            )
+
+
+def _nonfinite_sites(traces: List[Trace]) -> List[str]:
+    names = []
+    for trace in traces:
+        for site in sample_sites(trace):
+            with torch.no_grad():
+                lp = objectives.site_log_prob(site)
+            if isinstance(lp, torch.Tensor) and not torch.isfinite(lp).all():
+                names.append(site["name"])
+    return list(dict.fromkeys(names))
+
+
+def _nonfinite_inputs(args: tuple, kwargs: dict) -> List[str]:
+    named = [(f"argument {i}", a) for i, a in enumerate(args)] + [
+        (f"keyword argument '{k}'", v) for k, v in kwargs.items()
+    ]
+    return [
+        name
+        for name, value in named
+        if isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and not torch.isfinite(value).all()
+    ]
+
+
+def _item(loss: Optional[torch.Tensor]) -> float:
+    return float("nan") if loss is None else loss.detach().item()
+
+
+class _Phases(NamedTuple):
+    wake_theta: Optional[torch.Tensor]
+    phi: Optional[torch.Tensor]
+    theta: Dict[str, torch.Tensor]
+    phi_params: Dict[str, torch.Tensor]
+    traces: List[Trace]
+
+
+class WakeSleep:
+    r"""
+    Wake-sleep and reweighted wake-sleep inference for a Pyro model and guide.
+
+    Use it where you would use ``SVI(model, guide, optim, loss=Trace_ELBO())``::
+
+        ws = WakeSleep(model, guide, pyro.optim.Adam({"lr": 1e-3}))
+        for x in batches:
+            losses = ws.step(x)   # WakeSleepLosses(wake_theta=..., phi=...)
+
+    The model's parameters :math:`\theta` (those its trace touches) are fitted by the
+    *wake-theta* objective on real data with latents drawn from the guide; the guide's
+    parameters :math:`\phi` (those its trace touches) by the *phi* objective, which mixes
+    *sleep-phi* (maximize :math:`\log q_\phi(z \mid x)` on fantasies :math:`(z, x)` drawn from
+    the model) and *wake-phi* (self-normalized importance-weighted :math:`\log q_\phi` on real
+    data). The objectives are written out in :mod:`pyro_wakesleep.objectives`. No gradient is
+    taken through a sample, so discrete latents and stochastic control flow need nothing special.
+
+    Importance weights are formed per data point wherever the latents are local to a plate:
+    a batch of :math:`N` gives :math:`N` independent :math:`K`-particle estimates (unlike
+    Pyro's ``ReweightedWakeSleep``, which weights the whole batch jointly).
+
+    :param model: the model, a callable containing Pyro primitives, with at least one
+        observed site.
+    :param guide: the guide (recognition model), a callable with the same arguments as the
+        model that samples every latent site of the model and no observed site.
+    :param optim: a :class:`pyro.optim.PyroOptim`, used for the model's parameters and, unless
+        ``guide_optim`` is given, for the guide's.
+    :param guide_optim: an optional separate :class:`~pyro.optim.PyroOptim` for the guide.
+    :param int num_particles: :math:`K`, the number of guide samples per data point in the wake
+        phase. ``1`` is classic wake-sleep; ``K > 1`` is reweighted wake-sleep.
+    :param int num_sleep_particles: the number of fantasies per data point in the sleep phase.
+    :param phi_objective: ``"sleep"`` (sleep-phi, the classic choice), ``"wake"`` (wake-phi),
+        or a float :math:`a \in [0, 1]` for :math:`a \cdot` wake-phi :math:`+ (1 - a) \cdot`
+        sleep-phi.
+    :param bool vectorize_particles: draw the particles at once along a plate left of the
+        model's plates (set ``False`` for models whose control flow depends on sampled values).
+        Vectorized sleep particles need a guide with an ``observations`` keyword, since the
+        guide's plate sizes come from its data argument; otherwise fantasies are drawn one
+        at a time.
+    :param max_plate_nesting: the number of nested plates in the model and guide; guessed from
+        one trace when not given.
+    :param fantasy_args: an optional ``fantasy_args(observations, *args, **kwargs)`` returning
+        the guide's ``(args, kwargs)`` for the sleep phase, for models whose observations are not
+        simply one of their arguments (see :mod:`pyro_wakesleep.fantasies`).
+
+    A step computes both phases from the current parameters, checks that every loss and
+    gradient is finite, and only then updates :math:`\theta` and :math:`\phi`: a step that
+    raises leaves the parameter store and the optimizers as they were. For a strictly
+    alternating schedule (the sleep phase dreaming with the freshly updated model) call
+    :meth:`wake_step` then :meth:`sleep_step`.
+
+    References: Hinton, Dayan, Frey & Neal, *Science* 1995; Bornschein & Bengio, *ICLR* 2015;
+    Le, Kosiorek, Siddharth, Teh & Wood, *UAI* 2019.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: Callable,
+        optim: PyroOptim,
+        *,
+        guide_optim: Optional[PyroOptim] = None,
+        num_particles: int = 1,
+        num_sleep_particles: int = 1,
+        phi_objective: Union[str, float] = "sleep",
+        vectorize_particles: bool = True,
+        max_plate_nesting: Optional[int] = None,
+        fantasy_args: Optional[FantasyArgsFn] = None,
+    ) -> None:
+        for name, opt in (("optim", optim), ("guide_optim", guide_optim)):
+            if opt is not None and not isinstance(opt, PyroOptim):
+                raise TypeError(
+                    f"{name} must be a pyro.optim.PyroOptim such as pyro.optim.Adam({{'lr': "
+                    f"1e-3}}), got {type(opt).__name__}"
+                )
+        for name, value in (
+            ("num_particles", num_particles),
+            ("num_sleep_particles", num_sleep_particles),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.insomnia = self._parse_phi_objective(phi_objective)
+        if max_plate_nesting is not None and (
+            isinstance(max_plate_nesting, bool)
+            or not isinstance(max_plate_nesting, int)
+            or max_plate_nesting < 0
+        ):
+            raise ValueError(
+                f"max_plate_nesting must be a non-negative integer or None, got "
+                f"{max_plate_nesting!r}"
+            )
+        if fantasy_args is not None and not callable(fantasy_args):
+            raise TypeError("fantasy_args must be callable: fn(observations, *args, **kwargs)")
+        self.model = model
+        self.guide = guide
+        self.optim = optim
+        self.guide_optim = guide_optim if guide_optim is not None else optim
+        self.num_particles = num_particles
+        self.num_sleep_particles = num_sleep_particles
+        self.phi_objective = phi_objective
+        self.vectorize_particles = vectorize_particles
+        self.max_plate_nesting = max_plate_nesting
+        self.fantasy_args = fantasy_args
+        self.num_steps = 0
+        self._guide_takes_observations = takes_observations(guide)
+
+    @staticmethod
+    def _parse_phi_objective(phi_objective: Union[str, float]) -> float:
+        if phi_objective == "sleep":
+            return 0.0
+        if phi_objective == "wake":
+            return 1.0
+        if isinstance(phi_objective, Number) and not isinstance(phi_objective, bool):
+            a = float(phi_objective)
+            if 0.0 <= a <= 1.0:
+                return a
+        raise ValueError(
+            "phi_objective must be 'sleep', 'wake' or a float a in [0, 1] (a * wake-phi + "
+            f"(1 - a) * sleep-phi), got {phi_objective!r}"
+        )
+
+    # ------------------------------------------------------------------ public API
+
+    def step(self, *args: Any, **kwargs: Any) -> WakeSleepLosses:
+        """
+        Run one wake phase and one sleep phase from the current parameters, then update the
+        model's parameters by the wake-theta gradient and the guide's by the phi gradient.
+
+        Any args or kwargs are passed to the model and guide, as with SVI.
+
+        :returns: the losses, as floats.
+        :rtype: WakeSleepLosses
+        """
+        phases = self._guarded(self._compute, args, kwargs, wake=True, sleep=True)
+        return WakeSleepLosses(_item(phases.wake_theta), _item(phases.phi))
+
+    def wake_step(self, *args: Any, **kwargs: Any) -> float:
+        """
+        Run the wake phase alone: one update of the model's parameters by wake-theta.
+
+        :returns: the wake-theta loss.
+        """
+        phases = self._guarded(self._compute, args, kwargs, wake=True, sleep=False)
+        return _item(phases.wake_theta)
+
+    def sleep_step(self, *args: Any, **kwargs: Any) -> float:
+        """
+        Run the guide's phase alone: one update of the guide's parameters by the phi objective
+        (sleep-phi on fresh fantasies, plus wake-phi on guide samples of the real data where
+        ``phi_objective`` asks for it).
+
+        :returns: the phi loss.
+        """
+        phases = self._guarded(self._compute, args, kwargs, wake=False, sleep=True)
+        return _item(phases.phi)
+
+    def evaluate_loss(self, *args: Any, **kwargs: Any) -> WakeSleepLosses:
+        """
+        Compute both losses without gradients and without changing any parameter.
+
+        :returns: the losses, as floats.
+        :rtype: WakeSleepLosses
+        """
+        with torch.no_grad():
+            phases = self._compute(args, kwargs, wake=True, sleep=True)
+        return WakeSleepLosses(_item(phases.wake_theta), _item(phases.phi))
+
+    # ------------------------------------------------------------------ internals
+
+    def _guarded(self, compute: Callable, args: tuple, kwargs: dict, **phases: bool) -> _Phases:
+        """Run a step so that any failure leaves the store and the optimizers untouched."""
+        store = pyro.get_param_store()
+        known = set(store.keys())
+        result = None
+        try:
+            result = compute(args, kwargs, **phases)
+            loss = sum(x for x in (result.wake_theta, result.phi) if x is not None)
+            if isinstance(loss, torch.Tensor) and loss.requires_grad:
+                loss.backward()
+            self._check_finite(result, args, kwargs)
+        except BaseException:
+            if result is not None:
+                for p in list(result.theta.values()) + list(result.phi_params.values()):
+                    p.grad = None
+            for name in set(store.keys()) - known:
+                del store[name]
+            raise
+        theta = list(result.theta.values())
+        phi = list(result.phi_params.values())
+        if phases["wake"] and theta:
+            self.optim(theta)
+        if phases["sleep"] and phi:
+            self.guide_optim(phi)
+        for p in theta + phi:
+            p.grad = None
+        self.num_steps += 1
+        return result
+
+    def _check_finite(self, result: _Phases, args: tuple, kwargs: dict) -> None:
+        losses = {"wake_theta": result.wake_theta, "phi": result.phi}
+        params = {**result.theta, **result.phi_params}
+        checks = [torch.isfinite(x).all() for x in losses.values() if x is not None]
+        checks += [torch.isfinite(p.grad).all() for p in params.values() if p.grad is not None]
+        if not checks or bool(torch.stack(checks).all()):
+            return
+        problems = [
+            f"{name} loss"
+            for name, x in losses.items()
+            if x is not None and not torch.isfinite(x).all()
+        ]
+        problems += [
+            f"gradient of parameter '{name}'"
+            for name, p in params.items()
+            if p.grad is not None and not torch.isfinite(p.grad).all()
+        ]
+        message = f"Step {self.num_steps}: non-finite " + ", ".join(problems) + "."
+        sites = _nonfinite_sites(result.traces)
+        if sites:
+            message += (
+                " Non-finite log-density at site(s) " + ", ".join(f"'{s}'" for s in sites) + "."
+            )
+        inputs = _nonfinite_inputs(args, kwargs)
+        if inputs:
+            message += " NaN or infinity in " + ", ".join(inputs) + "."
+        raise NonFiniteLossError(
+            message + " No parameter or optimizer state was changed. Remove NaN/inf from the "
+            "data, and check the model and guide for parameters that leave their support."
+        )
+
+    def _plate_nesting(self, args: tuple, kwargs: dict) -> int:
+        if self.max_plate_nesting is None:
+            with poutine.block(), torch.no_grad():
+                guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
+                model_trace = poutine.trace(
+                    poutine.replay(self.model, trace=guide_trace)
+                ).get_trace(*args, **kwargs)
+            dims = [
+                frame.dim
+                for trace in (model_trace, guide_trace)
+                for site in trace.nodes.values()
+                if site["type"] == "sample"
+                for frame in site["cond_indep_stack"]
+                if frame.vectorized
+            ]
+            self.max_plate_nesting = -min(dims) if dims else 0
+        return self.max_plate_nesting
+
+    def _wake_traces(
+        self, args: tuple, kwargs: dict, grad_phi: bool
+    ) -> Tuple[List[Trace], List[Trace], bool]:
+        guide, model = self.guide, self.model
+        if grad_phi:
+            guide = _DetachSamples()(guide)
+        K = self.num_particles
+        vectorized = self.vectorize_particles and K > 1
+        if vectorized:
+            dim = -self._plate_nesting(args, kwargs) - 1
+            guide = _particle_plate(guide, K, dim)
+            model = _particle_plate(model, K, dim)
+        guide_traces, model_traces = [], []
+        for _ in range(1 if vectorized else K):
+            with torch.set_grad_enabled(grad_phi and torch.is_grad_enabled()):
+                guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *args, **kwargs
+            )
+            _check_sites(model_trace, guide_trace, "wake")
+            guide_traces.append(guide_trace)
+            model_traces.append(model_trace)
+        return model_traces, guide_traces, vectorized
+
+    def _sleep_loss(self, args: tuple, kwargs: dict) -> Tuple[torch.Tensor, List[Trace]]:
+        S = self.num_sleep_particles
+        model, guide = self.model, self.guide
+        vectorized = self.vectorize_particles and S > 1 and self._guide_takes_observations
+        if vectorized:
+            dim = -self._plate_nesting(args, kwargs) - 1
+            model = _particle_plate(model, S, dim)
+            guide = _particle_plate(guide, S, dim)
+        log_q = 0.0
+        traces = []
+        for _ in range(1 if vectorized else S):
+            model_trace = draw_fantasy(model, *args, **kwargs)
+            guide_args, guide_kwargs = guide_arguments(
+                model_trace,
+                args,
+                kwargs,
+                use_observations_keyword=self._guide_takes_observations,
+                fantasy_args=self.fantasy_args,
+            )
+            guide_trace = poutine.trace(poutine.replay(guide, trace=model_trace)).get_trace(
+                *guide_args, **guide_kwargs
+            )
+            _check_sites(model_trace, guide_trace, "sleep")
+            log_q = log_q + objectives.trace_log_prob_sum(guide_trace)
+            traces += [model_trace, guide_trace]
+        return -log_q / S, traces
+
+    def _compute(self, args: tuple, kwargs: dict, *, wake: bool, sleep: bool) -> _Phases:
+        """Build the losses of the requested phases (no update)."""
+        a = self.insomnia
+        need_wake_traces = wake or (sleep and a > 0)
+        wake_theta = phi = None
+        theta: Dict[str, torch.Tensor] = {}
+        phi_params: Dict[str, torch.Tensor] = {}
+        traces: List[Trace] = []
+        if need_wake_traces:
+            grad_phi = sleep and a > 0
+            model_traces, guide_traces, vectorized = self._wake_traces(args, kwargs, grad_phi)
+            traces += model_traces + guide_traces
+            if self.num_particles == 1 and a == 0:
+                wake_theta = objectives.classic_wake_theta_loss(model_traces[0])
+            else:
+                weights = objectives.log_weights(
+                    model_traces, guide_traces, self.max_plate_nesting, vectorized
+                )
+                wake_theta = objectives.wake_theta_loss(weights)
+                if grad_phi:
+                    phi = a * objectives.wake_phi_loss(weights)
+            for t in model_traces:
+                theta.update(_params(t))
+            for t in guide_traces:
+                phi_params.update(_params(t))
+            if not wake:
+                wake_theta = wake_theta.detach()
+        if sleep and a < 1:
+            sleep_phi, sleep_traces = self._sleep_loss(args, kwargs)
+            traces += sleep_traces
+            for t in sleep_traces[0::2]:
+                theta.update(_params(t))
+            for t in sleep_traces[1::2]:
+                phi_params.update(_params(t))
+            phi = (1 - a) * sleep_phi if phi is None else phi + (1 - a) * sleep_phi
+        shared = sorted(set(theta) & set(phi_params))
+        if shared:
+            raise ValueError(
+                "Parameter(s) " + ", ".join(f"'{n}'" for n in shared) + " are used by both the "
+                "model and the guide. Wake-sleep updates the model's parameters by the wake "
+                "phase and the guide's by the sleep phase, so each parameter must belong to one "
+                "of them: give the guide its own copy."
+            )
+        if not wake:
+            theta = {}
+        if not sleep:
+            phi_params = {}
+        return _Phases(wake_theta, phi, theta, phi_params, traces)
