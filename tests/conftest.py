@@ -1,0 +1,25 @@
+import pyro
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pyro_state():
+    """Each test starts with an empty parameter store and a fixed seed."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+def store_snapshot():
+    """A deep copy of the parameter store: {name: unconstrained tensor}."""
+    store = pyro.get_param_store()
+    return {name: store._params[name].detach().clone() for name in store.keys()}
+
+
+def assert_store_equal(before, after=None):
+    after = store_snapshot() if after is None else after
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
