@@ -12,7 +12,11 @@ arguments, so the sleep phase has to call it with the fantasy where the real obs
    ``ReweightedWakeSleep`` and ``CSIS``) is given ``observations={site: fantasy value}``;
 2. otherwise each observed value must be one of the model's arguments, positional or keyword,
    or a contiguous view or reshape of one (``obs=x``, ``obs=x.reshape(-1, 784)``); that
-   argument is replaced by the fantasy, reshaped like the argument;
+   argument is replaced by the fantasy, reshaped like the argument. Pyro's mini-batch idiom,
+   ``with pyro.plate("data", len(x), subsample_size=B) as i: ... obs=x[i]``, is recognized
+   too: the guide then gets an array shaped like ``x`` holding the fantasy in rows ``i`` and
+   zeros elsewhere (for very large data, pass the mini-batch itself and use
+   ``pyro.plate("data", N, subsample=indices)``, which costs nothing per step);
 3. a user-supplied ``fantasy_args(observations, *args, **kwargs) -> (args, kwargs)``.
 
 When none applies, :class:`FantasyError` names the site and says how to fix it: a sleep phase
@@ -27,6 +31,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from pyro import poutine
 from pyro.poutine import Trace
+from pyro.poutine.util import site_is_subsample
 
 from .objectives import sample_sites
 
@@ -107,6 +112,39 @@ def _find_argument(obs: Any, args: tuple, kwargs: dict) -> Optional[Tuple[str, A
     return None
 
 
+def _subsample_indices(trace: Trace, site: dict) -> list:
+    """The subsample index tensors of the plates around a site, as (plate size, indices)."""
+    found = []
+    for frame in site["cond_indep_stack"]:
+        node = trace.nodes.get(frame.name)
+        if node is not None and site_is_subsample(node) and frame.full_size is not None:
+            found.append((frame.full_size, node["value"]))
+    return found
+
+
+def _find_indexed_argument(
+    trace: Trace, site: dict, args: tuple, kwargs: dict
+) -> Optional[Tuple[str, Any, torch.Tensor]]:
+    """
+    Find an argument ``data`` with ``obs == data[indices]`` for the subsample indices of a plate
+    around the site (Pyro's mini-batch idiom ``with pyro.plate(..., subsample_size=B) as i:``
+    ``pyro.sample(..., obs=data[i])``).
+    """
+    obs = site["infer"]["obs"]
+    if not isinstance(obs, torch.Tensor):
+        return None
+    candidates = [("args", i, a) for i, a in enumerate(args)]
+    candidates += [("kwargs", k, a) for k, a in kwargs.items()]
+    for size, indices in _subsample_indices(trace, site):
+        for where, key, arg in candidates:
+            if not isinstance(arg, torch.Tensor) or arg.dim() == 0 or arg.shape[0] != size:
+                continue
+            rows = arg.index_select(0, indices.to(arg.device))
+            if rows.numel() == obs.numel() and torch.equal(rows.reshape(obs.shape), obs):
+                return where, key, indices
+    return None
+
+
 def guide_arguments(
     trace: Trace,
     args: tuple,
@@ -133,14 +171,24 @@ def guide_arguments(
     new_args, new_kwargs = list(args), dict(kwargs)
     unmatched = []
     for name, value in observations.items():
-        obs = trace.nodes[name]["infer"]["obs"]
-        slot = _find_argument(obs, args, kwargs)
-        if slot is None:
-            unmatched.append(name)
-            continue
-        where, key = slot
-        target = args[key] if where == "args" else kwargs[key]
-        fantasy = value.reshape(target.shape).to(dtype=target.dtype)
+        site = trace.nodes[name]
+        slot = _find_argument(site["infer"]["obs"], args, kwargs)
+        if slot is not None:
+            where, key = slot
+            target = args[key] if where == "args" else kwargs[key]
+            fantasy = value.reshape(target.shape).to(dtype=target.dtype)
+        else:
+            indexed = _find_indexed_argument(trace, site, args, kwargs)
+            if indexed is None:
+                unmatched.append(name)
+                continue
+            where, key, indices = indexed
+            target = args[key] if where == "args" else kwargs[key]
+            # Only the subsampled rows are read by the guide (it replays the same indices);
+            # the others are zeros, so no real observation reaches it.
+            fantasy = torch.zeros_like(target).index_copy_(
+                0, indices.to(target.device), value.reshape((-1,) + target.shape[1:]).to(target)
+            )
         if where == "args":
             new_args[key] = fantasy
         else:
