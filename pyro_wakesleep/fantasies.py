@@ -117,7 +117,12 @@ def _subsample_indices(trace: Trace, site: dict) -> list:
     found = []
     for frame in site["cond_indep_stack"]:
         node = trace.nodes.get(frame.name)
-        if node is not None and site_is_subsample(node) and frame.full_size is not None:
+        if (
+            node is not None
+            and site_is_subsample(node)
+            and frame.full_size is not None
+            and frame.size < frame.full_size
+        ):
             found.append((frame.full_size, node["value"]))
     return found
 
@@ -140,7 +145,11 @@ def _find_indexed_argument(
             if not isinstance(arg, torch.Tensor) or arg.dim() == 0 or arg.shape[0] != size:
                 continue
             rows = arg.index_select(0, indices.to(arg.device))
-            if rows.numel() == obs.numel() and torch.equal(rows.reshape(obs.shape), obs):
+            if (
+                rows.dtype == obs.dtype
+                and rows.numel() == obs.numel()
+                and torch.equal(rows.reshape(obs.shape), obs)
+            ):
                 return where, key, indices
     return None
 
@@ -172,6 +181,14 @@ def guide_arguments(
     unmatched = []
     for name, value in observations.items():
         site = trace.nodes[name]
+        obs = site["infer"]["obs"]
+        if isinstance(obs, torch.Tensor) and value.numel() != obs.numel():
+            raise FantasyError(
+                f"The fantasy of observed site '{name}' has shape {tuple(value.shape)} but its "
+                f"observation has shape {tuple(obs.shape)}: the distribution at '{name}' relies "
+                "on broadcasting against the data. Give it the observation's full shape (for "
+                "example with .expand(...) or .to_event(...)) so that it can generate data."
+            )
         slot = _find_argument(site["infer"]["obs"], args, kwargs)
         if slot is not None:
             where, key = slot

@@ -221,3 +221,8 @@ def wake_phi_loss(weights: LogWeights) -> torch.Tensor:
 def classic_wake_theta_loss(model_trace: Trace) -> torch.Tensor:
     """:math:`-\\log p_\\theta(x, z)` at the guide's sample (classic wake-sleep, K = 1)."""
     return -trace_log_prob_sum(model_trace)
+
+
+def classic_wake_phi_loss(guide_trace: Trace) -> torch.Tensor:
+    """:math:`-\\log q_\\phi(z \\mid x)` at the guide's own sample (wake-phi with K = 1)."""
+    return -trace_log_prob_sum(guide_trace)

@@ -209,7 +209,7 @@ class WakeSleep:
         fantasy_args: Optional[FantasyArgsFn] = None,
     ) -> None:
         for name, opt in (("optim", optim), ("guide_optim", guide_optim)):
-            if opt is not None and not isinstance(opt, PyroOptim):
+            if (opt is not None or name == "optim") and not isinstance(opt, PyroOptim):
                 raise TypeError(
                     f"{name} must be a pyro.optim.PyroOptim such as pyro.optim.Adam({{'lr': "
                     f"1e-3}}), got {type(opt).__name__}"
@@ -272,7 +272,7 @@ class WakeSleep:
         :returns: the losses, as floats.
         :rtype: WakeSleepLosses
         """
-        phases = self._guarded(self._compute, args, kwargs, wake=True, sleep=True)
+        phases = self._run(args, kwargs, wake=True, sleep=True, update=True)
         return WakeSleepLosses(_item(phases.wake_theta), _item(phases.phi))
 
     def wake_step(self, *args: Any, **kwargs: Any) -> float:
@@ -281,8 +281,7 @@ class WakeSleep:
 
         :returns: the wake-theta loss.
         """
-        phases = self._guarded(self._compute, args, kwargs, wake=True, sleep=False)
-        return _item(phases.wake_theta)
+        return _item(self._run(args, kwargs, wake=True, sleep=False, update=True).wake_theta)
 
     def sleep_step(self, *args: Any, **kwargs: Any) -> float:
         """
@@ -292,8 +291,7 @@ class WakeSleep:
 
         :returns: the phi loss.
         """
-        phases = self._guarded(self._compute, args, kwargs, wake=False, sleep=True)
-        return _item(phases.phi)
+        return _item(self._run(args, kwargs, wake=False, sleep=True, update=True).phi)
 
     def evaluate_loss(self, *args: Any, **kwargs: Any) -> WakeSleepLosses:
         """
@@ -303,39 +301,87 @@ class WakeSleep:
         :rtype: WakeSleepLosses
         """
         with torch.no_grad():
-            phases = self._compute(args, kwargs, wake=True, sleep=True)
+            phases = self._run(args, kwargs, wake=True, sleep=True, update=False)
         return WakeSleepLosses(_item(phases.wake_theta), _item(phases.phi))
 
     # ------------------------------------------------------------------ internals
 
-    def _guarded(self, compute: Callable, args: tuple, kwargs: dict, **phases: bool) -> _Phases:
-        """Run a step so that any failure leaves the store and the optimizers untouched."""
+    def _run(self, args: tuple, kwargs: dict, *, wake: bool, sleep: bool, update: bool) -> _Phases:
+        """
+        Compute the losses of the requested phases and, with ``update``, take the optimizer
+        steps. Any failure leaves the parameter store, the gradients and the optimizers as they
+        were (parameters first created by the failed call are removed again).
+        """
         store = pyro.get_param_store()
         known = set(store.keys())
         result = None
         try:
-            result = compute(args, kwargs, **phases)
-            loss = sum(x for x in (result.wake_theta, result.phi) if x is not None)
-            if isinstance(loss, torch.Tensor) and loss.requires_grad:
-                loss.backward()
-            self._check_finite(result, args, kwargs)
-        except BaseException:
+            result = self._compute(args, kwargs, wake=wake, sleep=sleep)
+            if update:
+                loss = sum(x for x in (result.wake_theta, result.phi) if x is not None)
+                if isinstance(loss, torch.Tensor) and loss.requires_grad:
+                    loss.backward()
+                self._check_finite(result, args, kwargs)
+        except BaseException as error:
             if result is not None:
                 for p in list(result.theta.values()) + list(result.phi_params.values()):
                     p.grad = None
             for name in set(store.keys()) - known:
                 del store[name]
+            inputs = _nonfinite_inputs(args, kwargs)
+            if (
+                inputs
+                and isinstance(error, Exception)
+                and not isinstance(error, NonFiniteLossError)
+            ):
+                # Typically Pyro's validation refusing NaN data: say what and where.
+                raise NonFiniteLossError(
+                    self._nonfinite_message([], self._nonfinite_sites(args, kwargs), inputs)
+                ) from error
             raise
+        if not update:
+            return result
         theta = list(result.theta.values())
         phi = list(result.phi_params.values())
-        if phases["wake"] and theta:
+        if wake and theta:
             self.optim(theta)
-        if phases["sleep"] and phi:
+        if sleep and phi:
             self.guide_optim(phi)
         for p in theta + phi:
             p.grad = None
         self.num_steps += 1
         return result
+
+    def _nonfinite_sites(self, args: tuple, kwargs: dict) -> List[str]:
+        """The sites whose log-density is not finite, found by tracing once more (failure path)."""
+        store = pyro.get_param_store()
+        known = set(store.keys())
+        try:
+            with pyro.validation_enabled(False), torch.no_grad(), poutine.block():
+                guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
+                model_trace = poutine.trace(
+                    poutine.replay(self.model, trace=guide_trace)
+                ).get_trace(*args, **kwargs)
+                return _nonfinite_sites([model_trace, guide_trace])
+        except Exception:
+            return []
+        finally:
+            for name in set(store.keys()) - known:
+                del store[name]
+
+    def _nonfinite_message(self, problems: List[str], sites: List[str], inputs: List[str]) -> str:
+        message = f"Step {self.num_steps}: non-finite "
+        message += ", ".join(problems) if problems else "values"
+        message += "."
+        if sites:
+            message += " Non-finite log-density at site(s) " + ", ".join(f"'{s}'" for s in sites)
+            message += "."
+        if inputs:
+            message += " NaN or infinity in " + ", ".join(inputs) + "."
+        return (
+            message + " No parameter or optimizer state was changed. Remove NaN/inf from the "
+            "data, and check the model and guide for parameters that leave their support."
+        )
 
     def _check_finite(self, result: _Phases, args: tuple, kwargs: dict) -> None:
         losses = {"wake_theta": result.wake_theta, "phi": result.phi}
@@ -354,18 +400,10 @@ class WakeSleep:
             for name, p in params.items()
             if p.grad is not None and not torch.isfinite(p.grad).all()
         ]
-        message = f"Step {self.num_steps}: non-finite " + ", ".join(problems) + "."
-        sites = _nonfinite_sites(result.traces)
-        if sites:
-            message += (
-                " Non-finite log-density at site(s) " + ", ".join(f"'{s}'" for s in sites) + "."
-            )
-        inputs = _nonfinite_inputs(args, kwargs)
-        if inputs:
-            message += " NaN or infinity in " + ", ".join(inputs) + "."
         raise NonFiniteLossError(
-            message + " No parameter or optimizer state was changed. Remove NaN/inf from the "
-            "data, and check the model and guide for parameters that leave their support."
+            self._nonfinite_message(
+                problems, _nonfinite_sites(result.traces), _nonfinite_inputs(args, kwargs)
+            )
         )
 
     def _plate_nesting(self, args: tuple, kwargs: dict) -> int:
@@ -390,14 +428,15 @@ class WakeSleep:
         self, args: tuple, kwargs: dict, grad_phi: bool
     ) -> Tuple[List[Trace], List[Trace], bool]:
         guide, model = self.guide, self.model
-        if grad_phi:
-            guide = _DetachSamples()(guide)
         K = self.num_particles
         vectorized = self.vectorize_particles and K > 1
         if vectorized:
             dim = -self._plate_nesting(args, kwargs) - 1
             guide = _particle_plate(guide, K, dim)
             model = _particle_plate(model, K, dim)
+        if grad_phi:
+            # Outside the particle plate, so that each sample is drawn after broadcasting.
+            guide = _DetachSamples()(guide)
         guide_traces, model_traces = [], []
         for _ in range(1 if vectorized else K):
             with torch.set_grad_enabled(grad_phi and torch.is_grad_enabled()):
@@ -449,8 +488,10 @@ class WakeSleep:
             grad_phi = sleep and a > 0
             model_traces, guide_traces, vectorized = self._wake_traces(args, kwargs, grad_phi)
             traces += model_traces + guide_traces
-            if self.num_particles == 1 and a == 0:
+            if self.num_particles == 1:
                 wake_theta = objectives.classic_wake_theta_loss(model_traces[0])
+                if grad_phi:
+                    phi = a * objectives.classic_wake_phi_loss(guide_traces[0])
             else:
                 weights = objectives.log_weights(
                     model_traces, guide_traces, self.max_plate_nesting, vectorized
