@@ -1,0 +1,1 @@
+"""Data shipped with pyro-wakesleep: ``digits.npz``, read by ``datasets.load_digits``."""
