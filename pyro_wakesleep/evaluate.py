@@ -1,0 +1,477 @@
+r"""
+Evaluating a fitted model: the log marginal likelihood :math:`\log p_\theta(x_i)` of each data
+point, estimated by importance sampling with the guide as proposal, or computed exactly by
+enumerating the latents of a small discrete model.
+
+**Importance sampling** (:func:`importance_log_likelihood`, :func:`evaluate_dataset`). With
+:math:`S` draws :math:`z_{is} \sim q_\phi(z \mid x_i)` and weights
+:math:`w_{is} = p_\theta(x_i, z_{is}) / q_\phi(z_{is} \mid x_i)`,
+
+.. math::
+
+    \widehat{\log p}(x_i) = \log \frac1S \sum_{s=1}^S w_{is},
+
+the estimator of Burda, Grosse & Salakhutdinov (2016) with :math:`K = S` large. Its mean is a
+lower bound on :math:`\log p_\theta(x_i)` that tightens as :math:`S` grows (bias
+:math:`\approx \mathrm{Var}(w) / (2 S\, \mathbb{E}[w]^2)`). Alongside, per data point:
+
+* the effective sample size :math:`\mathrm{ESS}_i = (\sum_s w_{is})^2 / \sum_s w_{is}^2`
+  (Kong 1992), between 1 and :math:`S`; it equals :math:`S` when the guide is the exact
+  posterior, since every weight then equals :math:`p_\theta(x_i)`;
+* the standard error of :math:`\widehat{\log p}(x_i)` by the delta method,
+  :math:`\mathrm{sd}(w) / (\sqrt S\, \bar w)`; with the unbiased sample variance this is
+
+  .. math:: \mathrm{se}_i = \sqrt{\frac{S / \mathrm{ESS}_i - 1}{S - 1}},
+
+  computed from the running log-sum-exps of :math:`w` and :math:`w^2`, so it never forms a
+  weight outside log space.
+
+The particles are drawn ``chunk_size`` at a time along a vectorized particle plate (left of the
+model's plates) without gradients, and reduced on the fly, so memory stays bounded by one
+chunk however large ``num_samples`` is.
+
+**Exact enumeration** (:func:`exact_log_likelihood`).
+
+.. math:: \log p_\theta(x_i) = \log \sum_{z} p_\theta(x_i, z),
+
+summed over every configuration of the latents of one data point: the Cartesian product of the
+supports of the latent sites (all :math:`2^H` vectors of a ``Bernoulli(...).to_event(1)`` site
+of size :math:`H`, all :math:`C` values of a ``Categorical``). For small models only, such as a
+sigmoid belief net on the bars problem, a mixture, or a test case.
+
+**Data points** are the indices of the plates that hold every sample site of the model and
+guide (see :mod:`pyro_wakesleep.objectives`), flattened to one dimension :math:`N`. A model
+with a latent outside its data plate (a global latent) couples the batch: the result then has
+one entry, the joint :math:`\log p_\theta(x_1, \dots, x_N)`. Two nested plates that both hold
+every site (data points and pixels, say) give one entry per pair of indices. The exact
+computation ignores any scale on the sites; the importance estimate does too when every site
+carries the same scale (as with ``subsample_size``), and otherwise weighs the scaled densities,
+as :func:`pyro_wakesleep.objectives.log_weights` does. Evaluate without subsampling.
+
+References
+
+[1] Y. Burda, R. Grosse, R. Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016.
+[2] A. Kong, "A note on importance sampling using standardized weights", Technical Report 348,
+    University of Chicago, Dept. of Statistics (1992).
+[3] A. B. Owen, *Monte Carlo theory, methods and examples* (2013), ch. 9 (importance sampling,
+    effective sample size, the delta method for ratio estimates).
+[4] J. Bornschein, Y. Bengio, "Reweighted Wake-Sleep", ICLR 2015.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
+from pyro.poutine import Trace
+
+from . import objectives
+from .objectives import PARTICLE_PLATE, local_plates, sample_sites, site_log_prob
+from .wake_sleep import _check_sites
+
+
+class LogLikelihood(NamedTuple):
+    """
+    Per-data-point estimates of :math:`\\log p_\\theta(x_i)` from importance sampling.
+
+    :ivar log_px: the estimates :math:`\\log \\frac1S \\sum_s w_{is}`, shape ``(N,)``.
+    :ivar stderr: their Monte Carlo standard errors (delta method), shape ``(N,)``.
+    :ivar ess: the effective sample sizes :math:`(\\sum_s w_{is})^2 / \\sum_s w_{is}^2`,
+        shape ``(N,)``.
+    """
+
+    log_px: torch.Tensor
+    stderr: torch.Tensor
+    ess: torch.Tensor
+
+    @property
+    def total(self) -> torch.Tensor:
+        """:math:`\\sum_i \\widehat{\\log p}(x_i)`, the log-likelihood of the whole batch."""
+        return self.log_px.sum()
+
+    @property
+    def total_stderr(self) -> torch.Tensor:
+        """The standard error of :attr:`total`: the data points' errors are independent."""
+        return self.stderr.pow(2).sum().sqrt()
+
+    def mean(self) -> torch.Tensor:
+        """The average log-likelihood per data point (nats)."""
+        return self.log_px.mean()
+
+    def mean_stderr(self) -> torch.Tensor:
+        """The Monte Carlo standard error of :meth:`mean`."""
+        return self.total_stderr / self.log_px.numel()
+
+    @classmethod
+    def cat(cls, parts: Sequence[LogLikelihood]) -> LogLikelihood:
+        """Concatenate the results of several batches."""
+        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in cls._fields))
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _with_particle_plate(fn: Callable, size: int, dim: int) -> Callable:
+    def vectorized(*args: Any, **kwargs: Any) -> Any:
+        with pyro.plate(PARTICLE_PLATE, size, dim=dim):
+            return fn(*args, **kwargs)
+
+    return vectorized
+
+
+def _plate_nesting(*traces: Trace) -> int:
+    """The depth of the vectorized plates (and batch shapes) seen in the traces."""
+    depth = 0
+    for trace in traces:
+        for site in sample_sites(trace):
+            dims = [-f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
+            depth = max([depth, len(site["fn"].batch_shape)] + dims)
+    return depth
+
+
+def _check_count(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_nesting(value: Optional[int]) -> None:
+    if value is not None:
+        _check_count("max_plate_nesting", value, 0)
+
+
+# ---------------------------------------------------------------------------- importance sampling
+
+
+def importance_log_likelihood(
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    num_samples: int = 5000,
+    chunk_size: int = 500,
+    max_plate_nesting: Optional[int] = None,
+    **kwargs: Any,
+) -> LogLikelihood:
+    """
+    Estimate :math:`\\log p_\\theta(x_i)` for every data point of a batch by importance
+    sampling with the guide as proposal:
+
+    .. math::
+
+        \\widehat{\\log p}(x_i) = \\log \\frac1S \\sum_{s=1}^S
+            \\frac{p_\\theta(x_i, z_{is})}{q_\\phi(z_{is} \\mid x_i)},
+        \\qquad z_{is} \\sim q_\\phi(z \\mid x_i),
+
+    with its standard error and effective sample size (see the module docs). The function
+    evaluates whatever batch the model and guide are given (``model(*args, **kwargs)``); loop
+    over a dataset with :func:`evaluate_dataset`. No gradients are taken, and the sample sites
+    are hidden from any outer handler.
+
+    :param model: the model; every latent site must be sampled by the guide.
+    :param guide: the proposal :math:`q_\\phi(z \\mid x)`, with the model's arguments.
+    :param args: the arguments of the model and guide (the data batch).
+    :param num_samples: :math:`S`, the number of importance samples per data point.
+    :param chunk_size: the number of samples drawn at once along a particle plate; memory grows
+        with ``chunk_size`` times the size of one trace.
+    :param max_plate_nesting: the number of nested plates of the model and guide; the particle
+        plate goes just left of them. Guessed from one trace when ``None``.
+    :param kwargs: keyword arguments of the model and guide.
+    :returns: :class:`LogLikelihood` with fields of shape ``(N,)``, in the dtype of the model's
+        log-densities (accumulated in float64).
+    :raises ValueError: when the guide does not sample exactly the model's latent sites.
+    """
+    _check_count("num_samples", num_samples)
+    _check_count("chunk_size", chunk_size)
+    _check_nesting(max_plate_nesting)
+    with torch.no_grad(), poutine.block():
+        if max_plate_nesting is None:
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *args, **kwargs
+            )
+            max_plate_nesting = _plate_nesting(model_trace, guide_trace)
+        dim = -(max_plate_nesting + 1)
+        log_sum: Optional[torch.Tensor] = None  # log sum_s w_s, per data point
+        log_sum_sq: Optional[torch.Tensor] = None  # log sum_s w_s^2
+        dtype = None
+        done = 0
+        while done < num_samples:
+            size = min(chunk_size, num_samples - done)
+            guide_trace = poutine.trace(_with_particle_plate(guide, size, dim)).get_trace(
+                *args, **kwargs
+            )
+            model_trace = poutine.trace(
+                poutine.replay(_with_particle_plate(model, size, dim), trace=guide_trace)
+            ).get_trace(*args, **kwargs)
+            _check_sites(model_trace, guide_trace, "evaluation")
+            weights = objectives.log_weights(
+                [model_trace], [guide_trace], max_plate_nesting, vectorized=True
+            )
+            log_w = weights.log_p - weights.log_q
+            dtype = log_w.dtype
+            log_w = log_w.reshape(size, -1).double()
+            chunk_sum = torch.logsumexp(log_w, 0)
+            chunk_sum_sq = torch.logsumexp(2 * log_w, 0)
+            if log_sum is None:
+                log_sum, log_sum_sq = chunk_sum, chunk_sum_sq
+            else:
+                log_sum = torch.logaddexp(log_sum, chunk_sum)
+                log_sum_sq = torch.logaddexp(log_sum_sq, chunk_sum_sq)
+            done += size
+    assert log_sum is not None and log_sum_sq is not None
+    return _summarize(log_sum, log_sum_sq, num_samples, dtype)
+
+
+def _summarize(
+    log_sum: torch.Tensor, log_sum_sq: torch.Tensor, num_samples: int, dtype: torch.dtype
+) -> LogLikelihood:
+    """log p, standard error and ESS from log sum w and log sum w^2 (all in log space)."""
+    log_px = log_sum - math.log(num_samples)
+    log_ess = 2 * log_sum - log_sum_sq
+    finite = torch.isfinite(log_sum)
+    ess = torch.where(finite, log_ess.exp(), torch.zeros_like(log_ess))
+    if num_samples > 1:
+        # S / ESS - 1 = S sum w^2 / (sum w)^2 - 1, the squared coefficient of variation of w.
+        cv2 = torch.expm1(math.log(num_samples) - log_ess).clamp(min=0)
+        stderr = (cv2 / (num_samples - 1)).sqrt()
+        stderr = torch.where(finite, stderr, torch.full_like(stderr, math.nan))
+    else:
+        stderr = torch.full_like(log_px, math.nan)
+    return LogLikelihood(log_px.to(dtype), stderr.to(dtype), ess.to(dtype))
+
+
+def evaluate_dataset(
+    model: Callable,
+    guide: Callable,
+    data: torch.Tensor,
+    *,
+    batch_size: int = 100,
+    num_samples: int = 5000,
+    chunk_size: int = 500,
+    max_plate_nesting: Optional[int] = None,
+    **kwargs: Any,
+) -> LogLikelihood:
+    """
+    :func:`importance_log_likelihood` over a whole dataset, one batch of rows at a time:
+    ``model(batch, **kwargs)`` and ``guide(batch, **kwargs)`` for
+    ``batch in data.split(batch_size)``; the per-data-point results are concatenated.
+
+    The average test log-likelihood and its Monte Carlo error are then
+    ``result.mean()`` and ``result.mean_stderr()``.
+
+    :param model: the model, taking a batch of rows of ``data`` as first argument.
+    :param guide: the guide, with the same arguments.
+    :param data: the dataset, data points along dimension 0.
+    :param batch_size: the number of data points per batch.
+    :param num_samples: importance samples per data point.
+    :param chunk_size: samples drawn at once (see :func:`importance_log_likelihood`).
+    :param max_plate_nesting: guessed from the first batch when ``None``.
+    :param kwargs: further keyword arguments of the model and guide.
+    :returns: :class:`LogLikelihood` with one entry per data point of every batch (``len(data)``
+        entries for a model whose data plate holds every site).
+    """
+    _check_count("batch_size", batch_size)
+    parts: List[LogLikelihood] = []
+    for batch in data.split(batch_size):
+        if max_plate_nesting is None:
+            with torch.no_grad(), poutine.block():
+                guide_trace = poutine.trace(guide).get_trace(batch, **kwargs)
+                model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                    batch, **kwargs
+                )
+            max_plate_nesting = _plate_nesting(model_trace, guide_trace)
+        parts.append(
+            importance_log_likelihood(
+                model,
+                guide,
+                batch,
+                num_samples=num_samples,
+                chunk_size=chunk_size,
+                max_plate_nesting=max_plate_nesting,
+                **kwargs,
+            )
+        )
+    if not parts:
+        raise ValueError("data is empty")
+    return LogLikelihood.cat(parts)
+
+
+# ---------------------------------------------------------------------------- exact enumeration
+
+
+def _base_distribution(fn: Any) -> Any:
+    """Strip the wrappers that do not change the support: Independent, expand, mask."""
+    while True:
+        if isinstance(fn, torch.distributions.Independent):
+            fn = fn.base_dist
+        elif isinstance(fn, (ExpandedDistribution, MaskedDistribution)):
+            fn = fn.base_dist
+        else:
+            return fn
+
+
+class _Latent(NamedTuple):
+    """One latent site: its name, support values, and the shapes of one configuration."""
+
+    name: str
+    values: torch.Tensor  # (n, *base_event_shape): the support of one unit
+    num_units: int  # units per configuration; the site has n ** num_units configurations
+    shape: Tuple[int, ...]  # the value shape of one configuration, batch dims included
+    batch_ndim: int
+
+
+def _latents(trace: Trace, local_dims: frozenset) -> List[_Latent]:
+    latents, bad = [], []
+    for site in sample_sites(trace):
+        if site["is_observed"]:
+            continue
+        fn = site["fn"]
+        base = _base_distribution(fn)
+        values = None
+        if getattr(base, "has_enumerate_support", False):
+            try:
+                support = base.enumerate_support(expand=False)
+                values = support.reshape((support.shape[0],) + tuple(base.event_shape))
+            except (NotImplementedError, RuntimeError, ValueError):
+                values = None
+        if values is None:
+            bad.append(f"'{site['name']}' ({type(base).__name__})")
+            continue
+        batch = list(fn.batch_shape)
+        for d in local_dims:
+            if -d <= len(batch):
+                batch[d] = 1
+        event = tuple(fn.event_shape)
+        units = tuple(batch) + event[: len(event) - len(base.event_shape)]
+        latents.append(
+            _Latent(site["name"], values, math.prod(units), tuple(batch) + event, len(batch))
+        )
+    if bad:
+        raise ValueError(
+            "exact_log_likelihood sums over every latent configuration, so every latent site "
+            "must be discrete with an enumerable support (Bernoulli, Categorical, ...); not so "
+            "for site(s) " + ", ".join(bad) + ". Use importance_log_likelihood instead."
+        )
+    return latents
+
+
+def _configurations(
+    latents: List[_Latent], index: torch.Tensor, nesting: int
+) -> Dict[str, torch.Tensor]:
+    """
+    The values of every latent for the configurations ``index`` (mixed radix over the sites and
+    their units), each shaped ``(k, 1, ..., 1, *shape)`` with the configuration dim at
+    ``-(nesting + 1)`` of the batch shape.
+    """
+    values = {}
+    for latent in latents:
+        n = latent.values.shape[0]
+        count = n**latent.num_units
+        site_index, index = index % count, index // count
+        powers = n ** torch.arange(latent.num_units, device=index.device)
+        digits = (site_index[:, None] // powers) % n  # (k, units)
+        value = latent.values[digits.to(latent.values.device)]  # (k, units, *base_event)
+        pad = (1,) * (nesting - latent.batch_ndim)
+        values[latent.name] = value.reshape((len(site_index),) + pad + latent.shape)
+    return values
+
+
+def _log_joint(trace: Trace, keep: frozenset, ndim: int, size: int) -> torch.Tensor:
+    """Unscaled log p summed over sites and every dim but ``keep``, as ``(size, N)``."""
+    total: Any = 0.0
+    for site in sample_sites(trace):
+        log_p = site_log_prob(site, scaled=False)
+        log_p = log_p.reshape((1,) * (ndim - log_p.dim()) + tuple(log_p.shape))
+        dims = [d for d in range(-ndim, 0) if d not in keep]
+        total = total + (log_p.sum(dims, keepdim=True) if dims else log_p)
+    total = torch.as_tensor(total)
+    total = total.reshape((1,) * (ndim - total.dim()) + tuple(total.shape))
+    total = total.expand((size,) + tuple(total.shape[1:]))
+    return total.reshape(size, -1)
+
+
+def exact_log_likelihood(
+    model: Callable,
+    *args: Any,
+    max_plate_nesting: Optional[int] = None,
+    max_configurations: int = 2**20,
+    chunk_size: int = 1024,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """
+    The exact :math:`\\log p_\\theta(x_i) = \\log \\sum_z p_\\theta(x_i, z)` of every data point,
+    by enumerating every configuration of the latents of one data point.
+
+    The model is traced once with the given arguments to find its latent sites, their supports
+    and their shapes per data point. The Cartesian product of those supports, :math:`C`
+    configurations, is then fed to the model ``chunk_size`` at a time along a plate left of the
+    model's plates, each latent :func:`conditioned <pyro.poutine.condition>` on its
+    configuration broadcast over the data plate; the joint log-density is summed over sites,
+    keeping the configuration and data dimensions, and log-sum-exp'd over configurations.
+
+    The result is differentiable in the model's parameters; wrap the call in
+    :func:`torch.no_grad` to evaluate only.
+
+    :param model: a model whose latent sites are all discrete with enumerable support
+        (``Bernoulli``, ``Categorical``, ``OneHotCategorical``, their ``.to_event`` and
+        ``.expand`` forms, ...) and whose structure does not depend on the latent values.
+    :param args: the model's arguments (the data batch).
+    :param max_plate_nesting: the number of nested plates of the model; guessed from the trace
+        when ``None``.
+    :param max_configurations: the largest :math:`C` accepted.
+    :param chunk_size: configurations evaluated at once; memory grows with ``chunk_size``
+        times the size of one trace.
+    :param kwargs: the model's keyword arguments.
+    :returns: a tensor of shape ``(N,)`` (see the module docs for what a data point is).
+    :raises ValueError: when a latent is continuous or not enumerable, or :math:`C` exceeds
+        ``max_configurations`` (the message names the sites), or the model samples a latent
+        that its first trace did not have.
+    """
+    _check_count("max_configurations", max_configurations)
+    _check_count("chunk_size", chunk_size)
+    _check_nesting(max_plate_nesting)
+    with poutine.block():
+        with torch.no_grad():
+            trace = poutine.trace(model).get_trace(*args, **kwargs)
+        local_dims = frozenset(local_plates([trace]).values())
+        latents = _latents(trace, local_dims)
+        nesting = _plate_nesting(trace)
+        if max_plate_nesting is not None:
+            nesting = max(nesting, max_plate_nesting)
+        counts = [lat.values.shape[0] ** lat.num_units for lat in latents]
+        total = math.prod(counts)
+        if total > max_configurations:
+            per_site = ", ".join(
+                f"'{lat.name}' ({lat.values.shape[0]}^{lat.num_units} = {c})"
+                for lat, c in zip(latents, counts)
+            )
+            raise ValueError(
+                f"The latents of one data point have {total} configurations, more than "
+                f"max_configurations={max_configurations}: {per_site}. Raise "
+                "max_configurations, or use importance_log_likelihood."
+            )
+        dim = -(nesting + 1)
+        keep = local_dims | {dim}
+        result: Optional[torch.Tensor] = None
+        for start in range(0, total, chunk_size):
+            size = min(chunk_size, total - start)
+            index = torch.arange(start, start + size)
+            conditioned = poutine.condition(model, data=_configurations(latents, index, nesting))
+            chunk = poutine.trace(_with_particle_plate(conditioned, size, dim)).get_trace(
+                *args, **kwargs
+            )
+            new = [s["name"] for s in sample_sites(chunk) if not s["is_observed"]]
+            if new:
+                raise ValueError(
+                    "exact_log_likelihood needs a model whose latent sites do not depend on the "
+                    "latent values; site(s) " + ", ".join(f"'{n}'" for n in new) + " appeared "
+                    "that the first trace did not have."
+                )
+            log_p = torch.logsumexp(_log_joint(chunk, keep, nesting + 1, size), 0)
+            result = log_p if result is None else torch.logaddexp(result, log_p)
+    assert result is not None
+    return result

@@ -1,0 +1,263 @@
+r"""
+The binary Helmholtz machine: a layered sigmoid belief net with a bottom-up recognition net
+(Hinton, Dayan, Frey & Neal 1995), and :class:`ModelGuidePair`, the base class of the
+ready-made model/guide pairs in :mod:`pyro_wakesleep.models`.
+
+With layer sizes :math:`(D, H_1, \dots, H_L)` the generative model (``model``) is
+
+.. math::
+
+    z_L &\sim \prod_j \mathrm{Bernoulli}(\sigma(b_j)), \\
+    z_{l} \mid z_{l+1} &\sim \mathrm{Bernoulli}(\sigma(f_{l+1}(z_{l+1}))),
+        \quad l = L-1, \dots, 1, \\
+    x \mid z_1 &\sim \mathrm{Bernoulli}(\sigma(f_1(z_1))),
+
+and the recognition model (``guide``) runs bottom-up,
+
+.. math::
+
+    q(z_1, \dots, z_L \mid x) = \prod_{l=1}^L \mathrm{Bernoulli}(z_l; \sigma(g_l(z_{l-1}))),
+    \qquad z_0 = x,
+
+where :math:`\sigma` is the logistic function and each :math:`f_l, g_l` is an affine map or,
+with ``hidden``, an MLP with deterministic tanh hidden layers. Every unit is binary and
+stochastic, so the pair is the natural case for wake-sleep: no reparameterization is needed.
+
+References
+
+[1] G. E. Hinton, P. Dayan, B. J. Frey, R. M. Neal, "The wake-sleep algorithm for
+    unsupervised neural networks", Science 268 (1995).
+[2] P. Dayan, G. E. Hinton, R. M. Neal, R. S. Zemel, "The Helmholtz machine", Neural
+    Computation 7 (1995).
+[3] J. Bornschein, Y. Bengio, "Reweighted Wake-Sleep", ICLR 2015.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Union
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import nn
+
+Hidden = Union[int, Sequence[int]]
+
+
+def mlp(in_features: int, out_features: int, hidden: Hidden = ()) -> nn.Module:
+    """
+    An affine map, or an MLP with tanh hidden layers of the given sizes.
+
+    :param in_features: the input size.
+    :param out_features: the output size.
+    :param hidden: the sizes of the deterministic hidden layers (an int for one layer; empty or
+        0 for a single :class:`~torch.nn.Linear`).
+    """
+    sizes = _hidden_sizes(hidden)
+    layers: list = []
+    width = in_features
+    for size in sizes:
+        layers += [nn.Linear(width, size), nn.Tanh()]
+        width = size
+    layers.append(nn.Linear(width, out_features))
+    return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
+
+
+def _hidden_sizes(hidden: Hidden) -> tuple:
+    if isinstance(hidden, int):
+        sizes: tuple = (hidden,) if hidden > 0 else ()
+    else:
+        sizes = tuple(int(h) for h in hidden)
+    if any(h < 1 for h in sizes):
+        raise ValueError(f"hidden layer sizes must be positive, got {hidden!r}")
+    return sizes
+
+
+class ModelGuidePair(nn.Module):
+    """
+    Base class of the ready-made model/guide pairs: an :class:`~torch.nn.Module` holding a
+    generative submodule (``self.generative``, the model's parameters :math:`\\theta`) and a
+    recognition submodule (``self.recognition``, the guide's parameters :math:`\\phi`), with
+    Pyro methods ``model(x, observations=None)`` and ``guide(x, observations=None)``.
+
+    The submodules are registered with :func:`pyro.module` under ``"{name}_generative"`` and
+    ``"{name}_recognition"``, so the model's and the guide's parameters are disjoint, as
+    wake-sleep requires. Two instances used in the same parameter store need distinct names.
+
+    The data site is ``"x"``, of shape ``(N, x_dim)`` inside a plate ``"data"`` at dim -1; the
+    guide reads ``observations["x"]`` when given (the sleep phase of
+    :class:`~pyro_wakesleep.WakeSleep` and of Pyro's ``ReweightedWakeSleep``), which may carry
+    extra leading particle dimensions.
+    """
+
+    #: The number of plates the model and guide use (the plate ``"data"``).
+    max_plate_nesting = 1
+    #: The model's parameters :math:`\\theta` (set by subclasses).
+    generative: nn.Module
+    #: The guide's parameters :math:`\\phi` (set by subclasses).
+    recognition: nn.Module
+
+    def __init__(self, x_dim: int, name: str) -> None:
+        super().__init__()
+        if "$$$" in name:
+            raise ValueError(f"name must not contain '$$$', got {name!r}")
+        self.x_dim = int(x_dim)
+        self.name = name
+
+    # Subclasses define self.generative, self.recognition, model and guide.
+    def model(
+        self,
+        x: Optional[torch.Tensor] = None,
+        observations: Optional[Dict[str, torch.Tensor]] = None,
+    ) -> None:
+        """The generative model :math:`p_\\theta(x, z)`, with the observed site ``"x"``."""
+        raise NotImplementedError
+
+    def guide(
+        self,
+        x: Optional[torch.Tensor] = None,
+        observations: Optional[Dict[str, torch.Tensor]] = None,
+    ) -> None:
+        """The recognition model :math:`q_\\phi(z \\mid x)`."""
+        raise NotImplementedError
+
+    def _register_generative(self) -> None:
+        pyro.module(f"{self.name}_generative", self.generative)
+
+    def _register_recognition(self) -> None:
+        pyro.module(f"{self.name}_recognition", self.recognition)
+
+    @staticmethod
+    def _data(
+        x: Optional[torch.Tensor], observations: Optional[Dict[str, torch.Tensor]]
+    ) -> torch.Tensor:
+        if observations is not None:
+            return observations["x"]
+        if x is None:
+            raise ValueError("pass the data x, or observations={'x': x}")
+        return x
+
+    def _like(self) -> torch.Tensor:
+        return next(self.generative.parameters())
+
+    @torch.no_grad()
+    def sample(self, num: int) -> torch.Tensor:
+        """
+        Draw fantasies :math:`x \\sim p_\\theta(x)` from the model (ancestral sampling; the
+        model is run under :func:`pyro.poutine.uncondition` and hidden from outer handlers).
+
+        :param num: the number of samples.
+        :returns: a tensor of shape ``(num, x_dim)``.
+        """
+        ref = self._like()
+        dummy = torch.zeros(num, self.x_dim, dtype=ref.dtype, device=ref.device)
+        with poutine.block():
+            trace = poutine.trace(poutine.uncondition(self.model)).get_trace(dummy)
+        return trace.nodes["x"]["value"]
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Encode ``x`` with the guide (one sample :math:`z \\sim q_\\phi(z \\mid x)`) and decode
+        it to the mean :math:`\\mathbb{E}_{p_\\theta}[x \\mid z]` of the model's observation
+        distribution.
+
+        :param x: data of shape ``(N, x_dim)``.
+        :returns: the reconstructions, of shape ``(N, x_dim)``.
+        """
+        with poutine.block():
+            guide_trace = poutine.trace(self.guide).get_trace(x)
+            model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(x)
+        return model_trace.nodes["x"]["fn"].mean
+
+
+class _SigmoidBeliefNet(nn.Module):
+    """The generative half: top-layer prior logits and top-down maps ``f_L, ..., f_1``."""
+
+    def __init__(self, layer_sizes: Sequence[int], hidden: Hidden) -> None:
+        super().__init__()
+        self.prior_logits = nn.Parameter(torch.zeros(layer_sizes[-1]))
+        # top_down[i] maps layer i + 1 to layer i (layer 0 is x): f_{i+1}.
+        self.top_down = nn.ModuleList(
+            mlp(layer_sizes[i + 1], layer_sizes[i], hidden) for i in range(len(layer_sizes) - 1)
+        )
+
+
+class HelmholtzMachine(ModelGuidePair):
+    """
+    A layered sigmoid belief net with a bottom-up sigmoid recognition net (see the module
+    docs for the equations).
+
+    Sites: ``"x"`` (observed) and ``"z1"``, ..., ``"zL"`` (``z1`` next to the data), each a
+    vector ``Bernoulli(...).to_event(1)`` inside the plate ``"data"``::
+
+        hm = HelmholtzMachine([784, 200, 200])
+        ws = WakeSleep(hm.model, hm.guide, pyro.optim.Adam({"lr": 1e-3}),
+                       max_plate_nesting=hm.max_plate_nesting)
+
+    :param layer_sizes: :math:`(D, H_1, \\dots, H_L)`: the data dimension followed by the sizes
+        of the stochastic layers, bottom-up (``[16, 8, 1]`` for the bars problem).
+    :param hidden: sizes of deterministic tanh hidden layers inside every map
+        :math:`f_l, g_l` (empty: affine maps, the classic Helmholtz machine).
+    :param name: the prefix of the parameter names in Pyro's parameter store.
+    """
+
+    def __init__(
+        self, layer_sizes: Sequence[int], hidden: Hidden = (), *, name: str = "helmholtz"
+    ) -> None:
+        sizes = [int(s) for s in layer_sizes]
+        if len(sizes) < 2 or any(s < 1 for s in sizes):
+            raise ValueError(
+                "layer_sizes must hold the data dimension and at least one latent layer size, "
+                f"all positive, got {list(layer_sizes)!r}"
+            )
+        super().__init__(sizes[0], name)
+        self.layer_sizes = tuple(sizes)
+        self.num_layers = len(sizes) - 1
+        self.generative = _SigmoidBeliefNet(sizes, hidden)
+        # bottom_up[i] maps layer i to layer i + 1: g_{i+1}.
+        self.recognition = nn.ModuleList(
+            mlp(sizes[i], sizes[i + 1], hidden) for i in range(self.num_layers)
+        )
+
+    def model(
+        self,
+        x: Optional[torch.Tensor] = None,
+        observations: Optional[Dict[str, torch.Tensor]] = None,
+    ) -> None:
+        """
+        The generative model :math:`p_\\theta(x, z_1, \\dots, z_L)`.
+
+        :param x: binary data of shape ``(N, D)`` (float).
+        :param observations: ``{"x": data}``, used instead of ``x`` when given.
+        """
+        x = self._data(x, observations)
+        self._register_generative()
+        gen = self.generative
+        with pyro.plate("data", x.shape[-2], dim=-1):
+            z = pyro.sample(
+                f"z{self.num_layers}", dist.Bernoulli(logits=gen.prior_logits).to_event(1)
+            )
+            for layer in range(self.num_layers - 1, 0, -1):
+                logits = gen.top_down[layer](z)
+                z = pyro.sample(f"z{layer}", dist.Bernoulli(logits=logits).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=gen.top_down[0](z)).to_event(1), obs=x)
+
+    def guide(
+        self,
+        x: Optional[torch.Tensor] = None,
+        observations: Optional[Dict[str, torch.Tensor]] = None,
+    ) -> None:
+        """
+        The recognition model :math:`q_\\phi(z_1, \\dots, z_L \\mid x)`, bottom-up.
+
+        :param x: binary data of shape ``(N, D)``.
+        :param observations: ``{"x": fantasy}`` from a sleep phase, used instead of ``x``; it
+            may carry leading particle dimensions.
+        """
+        h = self._data(x, observations)
+        self._register_recognition()
+        with pyro.plate("data", h.shape[-2], dim=-1):
+            for layer, g in enumerate(self.recognition, start=1):
+                h = pyro.sample(f"z{layer}", dist.Bernoulli(logits=g(h)).to_event(1))
