@@ -1,0 +1,179 @@
+"""The pyro-wakesleep command, end to end on tiny settings."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_wakesleep.cli import main
+
+PNG = b"\x89PNG\r\n\x1a\n"
+TINY = [
+    "--layers",
+    "784,8",
+    "--epochs",
+    "2",
+    "--eval-every",
+    "1",
+    "--eval-samples",
+    "4",
+    "--final-samples",
+    "8",
+    "--test-size",
+    "20",
+    "--no-progress",
+]
+
+
+def rows(folder):
+    with open(folder / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def net_state(folder):
+    return torch.load(folder / "checkpoint.pt", weights_only=False)["net"]
+
+
+def test_train_writes_checkpoint_metrics_and_figures(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--output", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "test log-likelihood" in printed and str(out) in printed
+    for name in ("learning_curves.png", "fantasies.png", "reconstructions.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 1000, name
+    metrics = rows(out)
+    assert [int(r["epoch"]) for r in metrics] == [1, 2]
+    assert [int(r["step"]) for r in metrics] == [30, 60]  # 3000 shipped digits, batch 100
+    for r in metrics:
+        # An average per data point of -log p(x, z) over 784 Bernoulli pixels (nats).
+        assert 0 < float(r["wake_theta"]) < 784 * np.log(2) * 2
+        assert -784 * np.log(2) * 2 < float(r["test_log_likelihood"]) < 0
+        assert float(r["test_stderr"]) >= 0
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert checkpoint["epoch"] == 2 and checkpoint["num_steps"] == 60
+    assert not list(out.glob(".*tmp")), "no temporary file is left behind"
+
+
+def test_resume_continues_bitwise_like_an_uninterrupted_run(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = [a for a in TINY if a not in ("--epochs", "2")]
+    assert main(["train", "--output", str(straight), "--epochs", "3", *common]) == 0
+    assert main(["train", "--output", str(resumed), "--epochs", "2", *common]) == 0
+    assert main(["train", "--resume", str(resumed), "--epochs", "3", "--no-progress"]) == 0
+    a, b = net_state(straight), net_state(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["wake_theta"] for r in rows(straight)] == [r["wake_theta"] for r in rows(resumed)]
+
+
+def test_evaluate_command(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--output", str(out), *TINY]) == 0
+    capsys.readouterr()
+    assert (
+        main(
+            ["evaluate", str(out), "--num-samples", "16", "--chunk-size", "8", "--test-size", "10"]
+        )
+        == 0
+    )
+    assert "test log-likelihood" in capsys.readouterr().out
+
+
+def test_bars_reports_exact_kl(tmp_path, capsys):
+    out = tmp_path / "bars"
+    assert (
+        main(["train", "--dataset", "bars", "--epochs", "2", "--output", str(out), "--no-progress"])
+        == 0
+    )
+    assert "KL[data || model]" in capsys.readouterr().out
+    kl = [float(r["kl_bits"]) for r in rows(out) if r["kl_bits"]]
+    assert kl and all(k > 0 for k in kl)
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (
+            ["train", "--dataset", "binarized-mnist", "--data-path", "/nonexistent.npz"],
+            "/nonexistent.npz",
+        ),
+        (["train", "--dataset", "binarized-mnist"], "--data-path"),
+        (["train", "--batch-size", "0"], "--batch-size"),
+        (["train", "--phi-objective", "2"], "--phi-objective"),
+        (["train", "--layers", "100,10"], "784"),
+        (["train", "--resume", "/nonexistent-run"], "/nonexistent-run"),
+        (["evaluate", "/nonexistent-run"], "/nonexistent-run"),
+        (
+            ["train", "--device", "cuda:0"]
+            if not torch.cuda.is_available()
+            else ["train", "--device", "nodevice"],
+            "device",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(tmp_path, argv, fragment):
+    argv = [a.replace("/nonexistent", str(tmp_path / "nonexistent")) for a in argv]
+    fragment = fragment.replace("/nonexistent", str(tmp_path / "nonexistent"))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyro_wakesleep",
+            *argv,
+            "--output" if argv[0] == "train" else "--test-size",
+            str(tmp_path / "out") if argv[0] == "train" else "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert fragment in lines[0]
+
+
+def test_malformed_data_file_is_one_line(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip file")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyro_wakesleep",
+            "train",
+            "--dataset",
+            "binarized-mnist",
+            "--data-path",
+            str(bad),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and str(bad) in result.stderr
+
+
+def test_foreign_checkpoint_is_refused(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--output", str(out), *TINY]) == 0
+    torch.save({"hello": 1}, out / "checkpoint.pt")
+    assert main(["evaluate", str(out)]) == 2
+    (out / "checkpoint.pt").write_bytes(b"\x00" * 10)
+    assert main(["train", "--resume", str(out)]) == 2
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "pyro-wakesleep"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "train" in result.stdout
