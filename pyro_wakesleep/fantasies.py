@@ -14,8 +14,10 @@ arguments, so the sleep phase has to call it with the fantasy where the real obs
    or a contiguous view or reshape of one (``obs=x``, ``obs=x.reshape(-1, 784)``); that
    argument is replaced by the fantasy, reshaped like the argument. Pyro's mini-batch idiom,
    ``with pyro.plate("data", len(x), subsample_size=B) as i: ... obs=x[i]``, is recognized
-   too: the guide then gets an array shaped like ``x`` holding the fantasy in rows ``i`` and
-   zeros elsewhere (for very large data, pass the mini-batch itself and use
+   too, on a mini-batch or on the full batch (the match is by value: an observation equal,
+   row for row, to ``x[i]`` for the plate's indices ``i``, with the same dtype): the guide then
+   gets an array shaped like ``x`` holding the fantasy in rows ``i`` and zeros elsewhere (for
+   very large data, pass the mini-batch itself and use
    ``pyro.plate("data", N, subsample=indices)``, which costs nothing per step);
 3. a user-supplied ``fantasy_args(observations, *args, **kwargs) -> (args, kwargs)``.
 
@@ -117,12 +119,7 @@ def _subsample_indices(trace: Trace, site: dict) -> list:
     found = []
     for frame in site["cond_indep_stack"]:
         node = trace.nodes.get(frame.name)
-        if (
-            node is not None
-            and site_is_subsample(node)
-            and frame.full_size is not None
-            and frame.size < frame.full_size
-        ):
+        if node is not None and site_is_subsample(node) and frame.full_size is not None:
             found.append((frame.full_size, node["value"]))
     return found
 

@@ -373,6 +373,10 @@ UNSEEN_CASES = {
 @pytest.mark.parametrize("in_plate", [False, True], ids=["no_plate", "plate"])
 @pytest.mark.parametrize("case", list(UNSEEN_CASES))
 def test_observation_not_an_argument_raises(case, in_plate):
+    if case == "times_one" and in_plate:
+        # Inside a plate, obs equal row for row to x[indices] is Pyro's indexing idiom
+        # (obs=x[i]); test_value_equal_observation_in_a_plate_gets_the_fantasy covers it.
+        return
     make_obs, data, bernoulli = UNSEEN_CASES[case]
     model = _unseen_model(make_obs, in_plate, bernoulli)
     guide = _unseen_guide(in_plate)
@@ -390,6 +394,16 @@ def test_observation_not_an_argument_raises(case, in_plate):
     WakeSleep(model, guide, _optim()).wake_step(x)
     ws = WakeSleep(model, guide, _optim(), fantasy_args=lambda obs, x: ((obs["pixels"],), {}))
     assert math.isfinite(ws.sleep_step(x))
+
+
+def test_value_equal_observation_in_a_plate_gets_the_fantasy():
+    model = _unseen_model(lambda x: x * 1.0, in_plate=True)
+    x = _real()
+    trace = draw_fantasy(model, x)
+    args, _ = guide_arguments(trace, (x,), {}, use_observations_keyword=False)
+    assert torch.equal(args[0], trace.nodes["pixels"]["value"])
+    assert not torch.equal(args[0], x)
+    assert math.isfinite(WakeSleep(model, _unseen_guide(True), _optim()).sleep_step(x))
 
 
 # ---------------------------------------------------------------- S fantasies are averaged

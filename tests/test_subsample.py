@@ -4,15 +4,18 @@ estimates, scaled by N / B per data point (outside the log-mean-exp over particl
 
 The model has local latents only, all inside ``pyro.plate("data", N, ...)``:
 ``z_i ~ Normal(0, 1)``, ``x_i ~ Normal(w z_i, SIGMA_X)``; the guide is
-``z_i ~ Normal(a x_i + c, s)``. Three ways of writing the subsampled model are tested, each of
-which lets the sleep phase hand the fantasy to the guide:
+``z_i ~ Normal(a x_i + c, s)``. Four ways of writing the subsampled model are tested, each of
+which should let the sleep phase hand the fantasy to the guide:
 
 * ``A``: the mini-batch itself is the argument: ``model(x_batch, idx)`` with
   ``pyro.plate("data", N, subsample=idx)`` and ``obs=x_batch``;
-* ``B``: the full data and the indices: ``model(x, idx)`` with ``obs=x[idx]`` (a copy, not
-  the argument), and a ``fantasy_args`` callable that writes the fantasy into ``x[idx]``;
+* ``B``: the data come in a dict, ``model(data, idx)`` with ``obs=data["x"][idx]``, which the
+  package cannot trace back to an argument: a ``fantasy_args`` callable writes the fantasy
+  into a copy of the dict;
 * ``C``: the guide has an ``observations`` keyword; the plate draws its own indices
-  (``subsample_size=B``) or takes given ones.
+  (``subsample_size=B``) or takes given ones;
+* ``D``: Pyro's mini-batch idiom, ``model(x)`` with
+  ``pyro.plate("data", N, subsample_size=B) as i`` and ``obs=x[i]``, recognized by the package.
 
 Most checks are deterministic: the guide's particles are injected as
 ``a x_i + c + s * EPS[k, i]`` with a fixed ``EPS``, so every loss can be written out by hand.
@@ -40,13 +43,13 @@ K_MAX = 6
 EPS = torch.randn(K_MAX, N, generator=_gen)  # injected standard-normal particle noise
 PARTITION = torch.randperm(N, generator=_gen).reshape(N // B, B)  # disjoint mini-batches
 
-RECORD = {"model": [], "guide": []}
+RECORD = {"model": [], "guide": [], "fantasy_args": []}
 
 
 @pytest.fixture(autouse=True)
 def _clear_record():
-    RECORD["model"].clear()
-    RECORD["guide"].clear()
+    for calls in RECORD.values():
+        calls.clear()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -95,21 +98,22 @@ def guide_a(x_batch, idx):
         _local_guide(x_batch)
 
 
-def model_b(x, idx):
+def model_b(data, idx):
     w = _model_param()
     with pyro.plate("data", N, subsample=idx) as ind:
-        _local_model(w, x[ind])
+        _local_model(w, data["x"][ind])
 
 
-def guide_b(x, idx):
+def guide_b(data, idx):
     with pyro.plate("data", N, subsample=idx) as ind:
-        _local_guide(x[ind])
+        _local_guide(data["x"][ind])
 
 
-def fantasy_args_b(observations, x, idx):
-    x = x.clone()
+def fantasy_args_b(observations, data, idx):
+    RECORD["fantasy_args"].append(observations["x"].clone())
+    x = data["x"].clone()
     x[idx] = observations["x"]
-    return (x, idx), {}
+    return ({**data, "x": x}, idx), {}
 
 
 def model_c(x, idx=None, batch_size=None, observations=None):
@@ -123,6 +127,17 @@ def guide_c(x, idx=None, batch_size=None, observations=None):
         _local_guide(x[ind] if observations is None else observations["x"])
 
 
+def model_d(x, idx=None, batch_size=None):
+    w = _model_param()
+    with pyro.plate("data", N, subsample_size=batch_size, subsample=idx) as ind:
+        _local_model(w, x[ind])
+
+
+def guide_d(x, idx=None, batch_size=None):
+    with pyro.plate("data", N, subsample_size=batch_size, subsample=idx) as ind:
+        _local_guide(x[ind])
+
+
 class Pattern(NamedTuple):
     model: object
     guide: object
@@ -132,13 +147,20 @@ class Pattern(NamedTuple):
         """(args, kwargs) for the batch with indices ``idx``."""
         if self.model is model_a:
             return (X[idx], idx), {}
+        if self.model is model_b:
+            return ({"x": X}, idx), {}
         return (X, idx), {}
+
+    @property
+    def draws_own_indices(self):
+        return self.model in (model_c, model_d)
 
 
 PATTERNS = {
     "A-batch-argument": Pattern(model_a, guide_a, {}),
     "B-fantasy_args": Pattern(model_b, guide_b, {"fantasy_args": fantasy_args_b}),
     "C-observations-keyword": Pattern(model_c, guide_c, {}),
+    "D-indexing-idiom": Pattern(model_d, guide_d, {}),
 }
 
 
@@ -203,8 +225,8 @@ def _init_params(pattern):
     with poutine.block():
         pattern.model(*args, **kwargs)
         pattern.guide(*args, **kwargs)
-    RECORD["model"].clear()
-    RECORD["guide"].clear()
+    for calls in RECORD.values():
+        calls.clear()
 
 
 def _losses(pattern, idx, K, vectorize):
@@ -269,32 +291,38 @@ NUM_REPEATS = 300
 
 
 @pytest.mark.parametrize("K", [1, 5])
-@pytest.mark.parametrize("name", ["A-batch-argument", "C-observations-keyword"])
+@pytest.mark.parametrize("name", ["A-batch-argument", "C-observations-keyword", "D-indexing-idiom"])
 def test_subsampled_losses_are_unbiased(name, K):
     """
     With real random particles (and real random fantasies for sleep-phi), the mean of
     NUM_REPEATS subsampled losses matches the mean of NUM_REPEATS full-data losses within
     4 standard errors of their difference (each SE from the sample standard deviations of
-    the independent repeats). Pattern C lets the plate draw its own subsample_size=B indices;
-    for pattern A the indices are drawn uniformly without replacement here. Scaling by 1
-    instead of N/B is off by a factor 5; scaling inside the log-mean-exp is off by much more
-    than the SE for K > 1 (the log-weights have a spread of order 1 here).
+    the independent repeats). Patterns C and D let the plate draw its own subsample_size=B
+    indices; for pattern A the indices are drawn uniformly without replacement here. The
+    full-data reference is computed with pattern A (all patterns define the same model).
+    Scaling by 1 instead of N/B is off by a factor 5, which the last assertion shows to be far
+    beyond the SE; raising the weights to the power N/B would be off by much more than the SE
+    for K > 1 (the log-weights have a spread of order 1 here).
     """
     pattern = PATTERNS[name]
     _init_params(pattern)
-    ws = WakeSleep(
-        pattern.model,
-        pattern.guide,
-        pyro.optim.SGD({"lr": 0.0}),
-        num_particles=K,
-        max_plate_nesting=1,
-        **pattern.options,
-    )
-    full_args, full_kwargs = pattern.args(torch.arange(N))
+
+    def make_ws(p):
+        return WakeSleep(
+            p.model,
+            p.guide,
+            pyro.optim.SGD({"lr": 0.0}),
+            num_particles=K,
+            max_plate_nesting=1,
+            **p.options,
+        )
+
+    ws, reference = make_ws(pattern), make_ws(PATTERNS["A-batch-argument"])
+    full_args, full_kwargs = PATTERNS["A-batch-argument"].args(torch.arange(N))
     full, sub = [], []
     for _ in range(NUM_REPEATS):
-        full.append(ws.evaluate_loss(*full_args, **full_kwargs))
-        if pattern.model is model_c:
+        full.append(reference.evaluate_loss(*full_args, **full_kwargs))
+        if pattern.draws_own_indices:
             sub.append(ws.evaluate_loss(X, batch_size=B))
         else:
             args, kwargs = pattern.args(torch.randperm(N)[:B])
@@ -306,24 +334,40 @@ def test_subsampled_losses_are_unbiased(name, K):
     assert torch.all(z.abs() < 4), (
         f"subsampled means {sub.mean(0).tolist()} vs full {full.mean(0).tolist()}, z {z.tolist()}"
     )
-    # The test has power: the full-data loss is far from 1/5 of itself in SE units.
-    assert torch.all(full.mean(0) * (1 - B / N) > 10 * se)
+    # The test has power: the full-data loss is far from B/N of itself in SE units.
+    assert torch.all(full.mean(0).abs() * (1 - B / N) > 10 * se)
 
 
 # ----------------------------------------------------------------------------- sleep phase
 
 
-@pytest.mark.parametrize("num_sleep", [1, 3])
-@pytest.mark.parametrize("name", list(PATTERNS))
-def test_sleep_phase_guide_sees_the_subsampled_fantasy(name, num_sleep):
+def _check_sleep_step(ws, args, kwargs, batch_size, num_sleep, real_x):
     """
-    The sleep phase runs the model once per fantasy (obs sites sampled) and the guide on it:
-    the guide must see the fantasy x of the subsampled data points, not the real data, and the
-    sleep-phi loss is -(N/B) sum_i log q(z_i | x_i) averaged over the fantasies.
+    One sleep_step: only the sleep phase runs (one model run and one guide run per fantasy, or
+    one vectorized run of each for a guide with an `observations` keyword). The guide must see
+    the fantasy x of the (subsampled) data points, not the real data, and the sleep-phi loss is
+    -(N/b) sum_i log q(z_i | x_i) averaged over the fantasies.
     """
-    pattern = PATTERNS[name]
-    _init_params(pattern)
-    ws = WakeSleep(
+    for calls in RECORD.values():
+        calls.clear()
+    loss = ws.sleep_step(*args, **kwargs)
+    assert len(RECORD["model"]) == len(RECORD["guide"]) >= 1
+    store = pyro.get_param_store()
+    a, c, s = (store[n].detach() for n in ("a", "c", "s"))
+    total = 0.0
+    for (z_fantasy, x_fantasy), (x_seen, z_seen) in zip(RECORD["model"], RECORD["guide"]):
+        assert x_fantasy.shape[-1] == batch_size
+        assert torch.equal(x_seen, x_fantasy)
+        assert torch.equal(z_seen, z_fantasy)
+        if real_x is not None:
+            assert not torch.isclose(x_seen, real_x).any()
+        total = total + dist.Normal(a * x_fantasy + c, s).log_prob(z_fantasy).sum()
+    expected = -(N / batch_size) * total / num_sleep
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+
+
+def _sleep_ws(pattern, num_sleep):
+    return WakeSleep(
         pattern.model,
         pattern.guide,
         pyro.optim.SGD({"lr": 0.0}),
@@ -331,28 +375,44 @@ def test_sleep_phase_guide_sees_the_subsampled_fantasy(name, num_sleep):
         max_plate_nesting=1,
         **pattern.options,
     )
+
+
+@pytest.mark.parametrize("num_sleep", [1, 3])
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_sleep_phase_guide_sees_the_subsampled_fantasy(name, num_sleep):
+    """The sleep phase on a mini-batch, with given indices and (C, D) plate-drawn ones."""
+    pattern = PATTERNS[name]
+    _init_params(pattern)
+    ws = _sleep_ws(pattern, num_sleep)
     idx = PARTITION[1]
     args, kwargs = pattern.args(idx)
-    for call_args, call_kwargs in [(args, kwargs), ((X,), {"batch_size": B})]:
-        if call_kwargs.get("batch_size") and pattern.model is not model_c:
-            continue
-        RECORD["model"].clear()
-        RECORD["guide"].clear()
-        loss = ws.sleep_step(*call_args, **call_kwargs)
-        # Only the sleep phase ran: one model run and one guide run per fantasy (or one
-        # vectorized run of each, for a guide with an `observations` keyword).
-        assert len(RECORD["model"]) == len(RECORD["guide"])
-        store = pyro.get_param_store()
-        a, c, s = (store[n].detach() for n in ("a", "c", "s"))
-        total = 0.0
-        for (z_fantasy, x_fantasy), (x_seen, z_seen) in zip(RECORD["model"], RECORD["guide"]):
-            assert x_fantasy.shape[-1] == B
-            assert torch.equal(x_seen, x_fantasy)
-            assert torch.equal(z_seen, z_fantasy)
-            assert not torch.equal(x_seen[..., :], X[idx].expand_as(x_seen))
-            total = total + dist.Normal(a * x_fantasy + c, s).log_prob(z_fantasy).sum()
-        expected = -(N / B) * total / num_sleep
-        assert loss == pytest.approx(expected.item(), rel=1e-5)
+    _check_sleep_step(ws, args, kwargs, B, num_sleep, X[idx])
+    if pattern.draws_own_indices:
+        _check_sleep_step(ws, (X,), {"batch_size": B}, B, num_sleep, None)
+    if pattern.model is model_b:
+        # The package could not trace obs=data["x"][idx] to an argument: fantasy_args was used.
+        assert len(RECORD["fantasy_args"]) == num_sleep
+
+
+@pytest.mark.parametrize(
+    "name, how",
+    [(name, "all-indices") for name in PATTERNS]
+    + [(name, "no-subsampling") for name in ("C-observations-keyword", "D-indexing-idiom")],
+)
+def test_sleep_phase_on_the_full_batch(name, how):
+    """
+    The same models on the whole data set: with the indices arange(N) given, or (C, D) with
+    no subsample_size at all, as when evaluating a mini-batch model on all the data. The
+    plate's index tensor is then arange(N), and obs=x[i] is the whole of x.
+    """
+    pattern = PATTERNS[name]
+    _init_params(pattern)
+    ws = _sleep_ws(pattern, 1)
+    if how == "all-indices":
+        args, kwargs = pattern.args(torch.arange(N))
+    else:
+        args, kwargs = (X,), {}
+    _check_sleep_step(ws, args, kwargs, N, 1, X)
 
 
 # ----------------------------------------------------------------------------- poutine.scale
