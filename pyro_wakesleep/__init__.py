@@ -6,12 +6,25 @@ pyro-wakesleep: wake-sleep and reweighted wake-sleep inference for any Pyro mode
 >>> losses = ws.step(x)  # doctest: +SKIP
 """
 
+from . import datasets, models
+from .evaluate import (
+    LogLikelihood,
+    evaluate_dataset,
+    exact_log_likelihood,
+    importance_log_likelihood,
+)
 from .fantasies import FantasyError, draw_fantasy, fantasy_observations, guide_arguments
 from .wake_sleep import NonFiniteLossError, WakeSleep, WakeSleepLosses
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LogLikelihood",
+    "datasets",
+    "evaluate_dataset",
+    "exact_log_likelihood",
+    "importance_log_likelihood",
+    "models",
     "FantasyError",
     "NonFiniteLossError",
     "WakeSleep",

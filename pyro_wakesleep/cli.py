@@ -450,7 +450,7 @@ def write_figures(folder: Path, net, data: Dict[str, Any], metrics: List[Dict[st
         real = (
             data["bars"].sample(16, torch.Generator().manual_seed(0))
             if "bars" in data
-            else data["test"][:16].cpu()
+            else data["test"][:: max(1, len(data["test"]) // 16)][:16].cpu()
         ).to(_net_device(net))
         recon = net.reconstruct(real).cpu().float()
     for name, images, columns, title in (

@@ -38,9 +38,12 @@ def test_ci_runs_the_readme_test_command():
     assert "sed -n '/<!-- test-command -->/" in (ROOT / ".ci/run").read_text()
 
 
-def test_readme_first_command_runs_the_quickstart():
+def test_readme_first_command_trains_on_shipped_data():
     first = re.search(r"```bash\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S).group(1)
-    assert first.endswith("python examples/quickstart.py")
+    assert first.endswith("pip install -e . && pyro-wakesleep train")
+
+
+def test_quickstart_example_runs():
     result = subprocess.run(
         [sys.executable, "examples/quickstart.py", "--steps", "10"],
         cwd=ROOT,
@@ -51,3 +54,11 @@ def test_readme_first_command_runs_the_quickstart():
     assert result.returncode == 0, result.stderr
     assert "test log-likelihood estimate" in result.stdout
     assert "-2.376" in result.stdout  # minus the exact entropy of the bars distribution
+
+
+def test_readme_figures_exist():
+    text = (ROOT / "README.md").read_text()
+    figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
+    assert figures
+    for figure in figures:
+        assert (ROOT / figure).read_bytes().startswith(b"\x89PNG"), figure
