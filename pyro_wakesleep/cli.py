@@ -406,7 +406,7 @@ def _image_grid(images: torch.Tensor, columns: int) -> torch.Tensor:
     n, d = images.shape
     side = int(round(math.sqrt(d)))
     rows = math.ceil(n / columns)
-    grid = torch.ones(rows * (side + 1) + 1, columns * (side + 1) + 1)
+    grid = torch.full((rows * (side + 1) + 1, columns * (side + 1) + 1), 0.5)
     for i in range(n):
         r, c = divmod(i, columns)
         grid[
