@@ -8,7 +8,6 @@ The model and guide are ordinary Pyro functions: the same pair runs under pyro.i
 """
 
 import argparse
-import math
 
 import pyro
 import pyro.distributions as dist
@@ -16,29 +15,7 @@ import torch
 from torch import nn
 
 from pyro_wakesleep import WakeSleep
-
-
-def bars(num: int, generator: torch.Generator) -> torch.Tensor:
-    """4x4 images: vertical bars with probability 2/3, else horizontal; each bar on w.p. 0.2."""
-    on = torch.rand(num, 4, generator=generator) < 0.2
-    vertical = torch.rand(num, generator=generator) < 2 / 3
-    images = torch.where(
-        vertical[:, None, None], on[:, None, :].expand(-1, 4, 4), on[:, :, None].expand(-1, 4, 4)
-    )
-    return images.reshape(num, 16).float()
-
-
-def bars_entropy() -> float:
-    """The exact entropy of the bars distribution in nats (images from both orientations merged)."""
-    probs: dict = {}
-    for vertical, p_orientation in ((True, 2 / 3), (False, 1 / 3)):
-        for code in range(16):
-            on = torch.tensor([(code >> i) & 1 for i in range(4)], dtype=torch.bool)
-            grid = on[None, :].expand(4, 4) if vertical else on[:, None].expand(4, 4)
-            p = p_orientation * 0.2 ** int(on.sum()) * 0.8 ** int(4 - on.sum())
-            key = tuple(grid.reshape(-1).tolist())
-            probs[key] = probs.get(key, 0.0) + p
-    return -sum(p * math.log(p) for p in probs.values())
+from pyro_wakesleep.datasets import Bars
 
 
 def main() -> None:
@@ -70,9 +47,10 @@ def main() -> None:
     ws = WakeSleep(
         model, guide, pyro.optim.Adam({"lr": 0.01}), num_particles=args.num_particles
     )
-    test = bars(1000, generator)
+    bars = Bars()
+    test = bars.sample(1000, generator)
     for step in range(args.steps + 1):
-        losses = ws.step(bars(args.batch_size, generator))
+        losses = ws.step(bars.sample(args.batch_size, generator))
         if step % (args.steps // 5) == 0:
             print(
                 f"step {step:5d}  wake-theta {losses.wake_theta / args.batch_size:7.3f}  "
@@ -80,7 +58,7 @@ def main() -> None:
             )
     bound = WakeSleep(model, guide, pyro.optim.Adam({}), num_particles=1000).evaluate_loss(test)
     print(f"test log-likelihood estimate (K=1000): {-bound.wake_theta / len(test):.3f} nats/image")
-    print(f"best possible (minus the data's entropy): {-bars_entropy():.3f} nats/image")
+    print(f"best possible (minus the data's entropy): {-bars.entropy():.3f} nats/image")
 
 
 if __name__ == "__main__":
