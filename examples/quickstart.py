@@ -44,9 +44,7 @@ def main() -> None:
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Bernoulli(logits=encoder(x)).to_event(1))
 
-    ws = WakeSleep(
-        model, guide, pyro.optim.Adam({"lr": 0.01}), num_particles=args.num_particles
-    )
+    ws = WakeSleep(model, guide, pyro.optim.Adam({"lr": 0.01}), num_particles=args.num_particles)
     bars = Bars()
     test = bars.sample(1000, generator)
     for step in range(args.steps + 1):
