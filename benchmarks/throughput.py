@@ -135,28 +135,11 @@ def contenders(config: Dict, seed: int) -> Dict[str, Callable]:
                 ).step
             ),
         )
-    make(
-        "svi_trace_elbo",
-        lambda n: (
-            SVI(
-                n.model,
-                n.guide,
-                pyro.optim.Adam({"lr": lr}),
-                Trace_ELBO(num_particles=K, max_plate_nesting=1, vectorize_particles=True),
-            ).step
-        ),
-    )
-    make(
-        "svi_tracegraph_elbo",
-        lambda n: (
-            SVI(
-                n.model,
-                n.guide,
-                pyro.optim.Adam({"lr": lr}),
-                TraceGraph_ELBO(num_particles=K, max_plate_nesting=1, vectorize_particles=True),
-            ).step
-        ),
-    )
+    for name, elbo in (("svi_trace_elbo", Trace_ELBO), ("svi_tracegraph_elbo", TraceGraph_ELBO)):
+        loss = elbo(num_particles=K, max_plate_nesting=1, vectorize_particles=True)
+        make(
+            name, lambda n, loss=loss: SVI(n.model, n.guide, pyro.optim.Adam({"lr": lr}), loss).step
+        )
     return runs
 
 
