@@ -534,3 +534,88 @@ def test_observation_shape_broadcast_by_the_model_is_named():
     ws = WakeSleep(model, good_guide, optim)
     ws.wake_step(_data())  # the wake phase is fine: log_prob broadcasts
     assert_fails_atomically(lambda: ws.step(_data()), ValueError, ["'x'"], optims=[optim], ws=ws)
+
+
+# ---------------------------------------------------------------- validation after step 0
+
+
+def _bernoulli_model(x):
+    logits = pyro.param("logits", torch.zeros(D))
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Bernoulli(0.5))
+        pyro.sample("x", dist.Bernoulli(logits=logits + z.unsqueeze(-1)).to_event(1), obs=x)
+
+
+def _bernoulli_guide(x):
+    w = pyro.param("w", torch.zeros(D))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.Bernoulli(logits=x @ w))
+
+
+@pytest.mark.parametrize("full_validation", [False, True])
+def test_observed_value_outside_support_after_good_steps(full_validation):
+    """Later steps run without Pyro's per-sample checks, but still refuse data outside the
+    support (a Bernoulli observed at 2 has a finite log-density, so the finiteness check alone
+    would not see it)."""
+    x = torch.bernoulli(torch.full((N, D), 0.5))
+    optim = pyro.optim.Adam({"lr": 0.1})
+    ws = WakeSleep(_bernoulli_model, _bernoulli_guide, optim, full_validation=full_validation)
+    ws.step(x)
+    ws.step(x)
+    x_bad = x.clone()
+    x_bad[1, 2] = 2.0
+    words = ["'x'"] if not full_validation else ["support"]
+    assert_fails_atomically(lambda: ws.step(x_bad), ValueError, words, optims=[optim], ws=ws)
+    # masked-out entries are not checked
+    ws_masked = WakeSleep(
+        poutine.mask(_bernoulli_model, mask=torch.arange(N) != 1), _bernoulli_guide, optim
+    )
+    ws_masked.step(x)
+    ws_masked.step(x_bad)
+
+
+def test_later_steps_skip_pyro_sample_validation_but_not_the_first():
+    """Pyro's distribution validation runs on step 0 (and on every step with
+    full_validation=True); later steps build the distributions without it."""
+    seen = []
+
+    def model(x):
+        _bernoulli_model(x)
+        seen.append(dist.Bernoulli(0.5)._validate_args)
+
+    x = torch.bernoulli(torch.full((N, D), 0.5))
+    for full, expected in ((False, [True, False, False]), (True, [True, True, True])):
+        pyro.clear_param_store()
+        seen.clear()
+        ws = WakeSleep(model, _bernoulli_guide, pyro.optim.Adam({"lr": 0.1}), full_validation=full)
+        for _ in range(3):
+            ws.step(x)
+        # the model runs twice per step (wake and sleep): one entry per step
+        assert seen[-6:][::2] == expected
+    assert dist.Bernoulli(0.5)._validate_args  # the global setting is restored
+
+
+def test_invalid_distribution_argument_on_a_later_step_is_still_reported():
+    """A parameter that leaves its constraint after step 0 gives a NaN log-density, which the
+    finiteness check reports by site."""
+
+    def model(x, scale):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            loc = z.unsqueeze(-1) + pyro.param("loc", torch.zeros(D))
+            pyro.sample("x", dist.Normal(loc, scale).to_event(1), obs=x)
+
+    def guide(x, scale):
+        good_guide(x)
+
+    x = _data()
+    optim = pyro.optim.Adam({"lr": 0.1})
+    ws = WakeSleep(model, guide, optim)
+    ws.step(x, torch.tensor(1.0))
+    assert_fails_atomically(
+        lambda: ws.step(x, torch.tensor(-1.0)),
+        NonFiniteLossError,
+        ["Step 1", "'x'"],
+        optims=[optim],
+        ws=ws,
+    )
