@@ -14,9 +14,9 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions import util as dist_util
 from pyro.optim import PyroOptim
 from pyro.poutine import Trace
-from pyro.distributions import util as dist_util
 from pyro.poutine.messenger import Messenger
 
 from . import objectives
