@@ -4,6 +4,7 @@ ReweightedWakeSleep and SVI, in one process, with the contenders interleaved so 
 drift hits all alike.
 
     python benchmarks/throughput.py [--repeats 5] [--steps 50] [--json out.json] [--quick]
+                                    [--configs SUBSTRING] [--device cuda] [--no-memory]
 
 Each configuration builds one fresh model per contender from the same seed. A repeat runs
 ``--steps`` steps of every contender in turn (after ``--warmup`` steps each); the table shows the
@@ -12,27 +13,36 @@ and WakeSleep / Pyro RWS. The hand-written loop is the floor: the same estimator
 wake-sleep for K = 1; reweighted wake-theta with wake-phi for K = 5) on the same networks, in
 plain PyTorch with one torch.optim.Adam.
 
-Peak memory is not measured yet (CPU tensors are invisible to tracemalloc; a per-contender
-subprocess is needed).
+Peak memory is the working memory of a step: after the timed repeats, each contender runs
+``--memory-steps`` more steps while the peak of allocated bytes above the level before them is
+tracked (parameters and optimizer state, alike for all, are already allocated). On CPU the
+allocated bytes are glibc's ``mallinfo2`` count, read after every tensor operation of the
+forward and backward passes through a ``TorchDispatchMode``; on CUDA it is
+``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import math
+import os
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import pyro
 import torch
 import torch.nn.functional as F
 from pyro.infer import SVI, ReweightedWakeSleep, Trace_ELBO, TraceGraph_ELBO
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyro_wakesleep import WakeSleep
 from pyro_wakesleep.models import GaussianHelmholtz, HelmholtzMachine
+from pyro_wakesleep.models.gaussian import MIN_SCALE
 
 
 def _log_bernoulli(logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -90,20 +100,56 @@ def handwritten(net: HelmholtzMachine, num_particles: int, lr: float) -> Callabl
     return step
 
 
-def contenders(config: Dict, seed: int) -> Dict[str, Callable]:
+def handwritten_gaussian(net: GaussianHelmholtz, lr: float) -> Callable:
+    """Classic wake-sleep (K = 1, sleep-phi) for GaussianHelmholtz, by hand."""
+    optim = torch.optim.Adam(net.parameters(), lr=lr)
+    z_dim = net.z_dim
+
+    def log_normal(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return (-0.5 * ((z - loc) / scale) ** 2 - scale.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def step(x: torch.Tensor) -> None:
+        n = x.shape[0]
+        # wake: z ~ q(z | x), no gradient through the sample; -log p(x, z)
+        with torch.no_grad():
+            loc, scale = net.encode(x)
+            z = loc + scale * torch.randn_like(loc)
+        log_prior = (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).sum(-1)
+        loss = -(log_prior + _log_bernoulli(net.generative(z), x)).sum()
+        # sleep: a fantasy (z, x) from the model; -log q(z | x)
+        with torch.no_grad():
+            z = torch.randn(n, z_dim, dtype=x.dtype, device=x.device)
+            fantasy = torch.bernoulli(torch.sigmoid(net.generative(z)))
+        out = net.recognition(fantasy)
+        loc, scale = out[..., :z_dim], F.softplus(out[..., z_dim:]) + MIN_SCALE
+        loss = loss - log_normal(z, loc, scale).sum()
+        loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+
+    return step
+
+
+def contenders(
+    config: Dict, seed: int, device: str = "cpu", only: Optional[str] = None
+) -> Dict[str, Callable]:
     K, lr = config["K"], 1e-3
 
     def fresh():
         pyro.clear_param_store()
         torch.manual_seed(seed)
         if config["model"] == "helmholtz":
-            return HelmholtzMachine(config["layers"], name=f"hm{seed}")
-        return GaussianHelmholtz(784, 20, 200, name=f"gh{seed}")
+            net = HelmholtzMachine(config["layers"], name=f"hm{seed}")
+        else:
+            net = GaussianHelmholtz(784, 20, 200, name=f"gh{seed}")
+        return net.to(device)
 
     runs: Dict[str, Callable] = {}
     nets = {}
 
     def make(name: str, build: Callable) -> None:
+        if only is not None and name != only:
+            return
         nets[name] = fresh()
         runs[name] = build(nets[name])
 
@@ -123,6 +169,8 @@ def contenders(config: Dict, seed: int) -> Dict[str, Callable]:
     )
     if config["model"] == "helmholtz":
         make("handwritten", lambda n: handwritten(n, K, lr))
+    elif K == 1:
+        make("handwritten", lambda n: handwritten_gaussian(n, lr))
     if K > 1:
         make(
             "pyro_rws",
@@ -183,67 +231,156 @@ CONFIGS = [
 ]
 
 
+def _batch(config: Dict, device: str) -> torch.Tensor:
+    from pyro_wakesleep.datasets import load_digits
+
+    data = load_digits()["train"]
+    reps = math.ceil(config["batch"] / len(data))
+    return data.repeat(reps, 1)[: config["batch"]].to(device)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+        )
+    ]
+
+
+def _malloc_in_use() -> Callable[[], int]:
+    """glibc's count of bytes handed out by malloc (heap plus mmap), or an error off glibc."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.mallinfo2.restype = _MallInfo2
+
+    def in_use() -> int:
+        info = libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    return in_use
+
+
+class _PeakMemory(TorchDispatchMode):
+    """Track the peak of malloc'd bytes after every tensor operation (forward and backward)."""
+
+    def __init__(self, in_use: Callable[[], int]) -> None:
+        super().__init__()
+        self.in_use = in_use
+        self.base = in_use()
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, self.in_use() - self.base)
+        return out
+
+
+def peak_memory(step: Callable, x: torch.Tensor, steps: int) -> int:
+    """
+    The peak memory of ``steps`` further steps (bytes), above what was allocated before them:
+    the working memory of a step (activations, traces, gradients), with the parameters and
+    the optimizer state, which every contender holds alike, already in place.
+    """
+    if x.is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(steps):
+            step(x)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with _PeakMemory(_malloc_in_use()) as tracker:
+        for _ in range(steps):
+            step(x)
+    return tracker.peak
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--configs", default=None, help="run only the configurations whose name contains this"
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak memory runs")
     parser.add_argument("--json", default=None)
     parser.add_argument("--quick", action="store_true", help="2 repeats of 10 steps")
+    parser.add_argument("--memory-steps", type=int, default=3)
     args = parser.parse_args()
-    if args.quick:
-        args.repeats, args.steps, args.warmup = 2, 10, 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    from pyro_wakesleep.datasets import load_digits
-
-    data = load_digits()["train"]
+    if args.quick:
+        args.repeats, args.steps, args.warmup = 2, 10, 2
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
     results = []
     for config in CONFIGS:
-        x = (
-            data[: config["batch"]]
-            if config["batch"] <= len(data)
-            else data.repeat(math.ceil(config["batch"] / len(data)), 1)[: config["batch"]]
-        )
-        runs = contenders(config, seed=0)
+        if args.configs and args.configs not in config["name"]:
+            continue
+        x = _batch(config, args.device)
+        runs = contenders(config, seed=0, device=args.device)
+        sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
         for step in runs.values():
             for _ in range(args.warmup):
                 step(x)
         rates: Dict[str, List[float]] = {name: [] for name in runs}
         for _ in range(args.repeats):
             for name, step in runs.items():
+                sync()
                 start = time.perf_counter()
                 for _ in range(args.steps):
                     step(x)
+                sync()
                 rates[name].append(args.steps / (time.perf_counter() - start))
-        row = {
+        row: Dict = {
             "config": config["name"],
             "steps_per_second": {
                 n: {"median": statistics.median(r), "min": min(r), "max": max(r)}
                 for n, r in rates.items()
             },
         }
+        if not args.no_memory:
+            row["peak_memory_mb"] = {
+                n: peak_memory(step, x, args.memory_steps) / 2**20 for n, step in runs.items()
+            }
         med = {n: v["median"] for n, v in row["steps_per_second"].items()}
         if "handwritten" in med:
             row["wakesleep_over_handwritten"] = med["wakesleep"] / med["handwritten"]
+            if "peak_memory_mb" in row:
+                mem = row["peak_memory_mb"]
+                row["memory_wakesleep_over_handwritten"] = mem["wakesleep"] / mem["handwritten"]
         if "pyro_rws" in med:
             row["wakesleep_over_pyro_rws"] = med["wakesleep"] / med["pyro_rws"]
         results.append(row)
         print(f"\n{config['name']}")
         for n, v in row["steps_per_second"].items():
-            print(f"  {n:22s} {v['median']:8.1f} steps/s  ({v['min']:.1f}-{v['max']:.1f})")
-        for key in ("wakesleep_over_handwritten", "wakesleep_over_pyro_rws"):
+            memory = (
+                f"   peak {row['peak_memory_mb'][n]:6.2f} MB" if "peak_memory_mb" in row else ""
+            )
+            print(f"  {n:22s} {v['median']:8.1f} steps/s  ({v['min']:.1f}-{v['max']:.1f}){memory}")
+        for key in (
+            "wakesleep_over_handwritten",
+            "wakesleep_over_pyro_rws",
+            "memory_wakesleep_over_handwritten",
+        ):
             if key in row:
-                print(f"  {key:22s} {row[key]:.2f}")
+                print(f"  {key:34s} {row[key]:.2f}")
     meta = {
         "torch": torch.__version__,
         "pyro": pyro.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "device": (torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"),
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "steps": args.steps,
+        "warmup": args.warmup,
+        "validation": "pyro default (enabled)",
     }
     if args.json:
         with open(args.json, "w") as f:

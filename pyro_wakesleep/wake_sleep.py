@@ -357,6 +357,10 @@ class WakeSleep:
             with dist_util.validation_enabled(not trim):
                 result = self._compute(args, kwargs, wake=wake, sleep=sleep, check_support=trim)
             if update:
+                # Let the traces (their distributions, cached probabilities, fantasies) go
+                # before the backward pass: that lowers the step's peak memory. The rare
+                # failure path traces again to name the sites.
+                result = result._replace(traces=[])
                 loss = sum(x for x in (result.wake_theta, result.phi) if x is not None)
                 if isinstance(loss, torch.Tensor) and loss.requires_grad:
                     loss.backward()
@@ -444,10 +448,13 @@ class WakeSleep:
         ]
         if not problems:  # the fused sum overflowed, but every entry is finite
             return
+        sites = (
+            _nonfinite_sites(result.traces)
+            if result.traces
+            else self._nonfinite_sites(args, kwargs)
+        )
         raise NonFiniteLossError(
-            self._nonfinite_message(
-                problems, _nonfinite_sites(result.traces), _nonfinite_inputs(args, kwargs)
-            )
+            self._nonfinite_message(problems, sites, _nonfinite_inputs(args, kwargs))
         )
 
     def _plate_nesting(self, args: tuple, kwargs: dict) -> int:
