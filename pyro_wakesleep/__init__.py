@@ -7,6 +7,7 @@ pyro-wakesleep: wake-sleep and reweighted wake-sleep inference for any Pyro mode
 """
 
 from . import datasets, models
+from .checkpoint import CheckpointError
 from .evaluate import (
     LogLikelihood,
     evaluate_dataset,
@@ -25,6 +26,7 @@ __all__ = [
     "exact_log_likelihood",
     "importance_log_likelihood",
     "models",
+    "CheckpointError",
     "FantasyError",
     "NonFiniteLossError",
     "WakeSleep",

@@ -8,6 +8,8 @@ The objectives themselves are written once, in :mod:`pyro_wakesleep.objectives`;
 
 from __future__ import annotations
 
+import os
+import warnings
 from numbers import Number
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
@@ -19,7 +21,7 @@ from pyro.optim import PyroOptim
 from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
 
-from . import objectives
+from . import checkpoint, objectives
 from .fantasies import FantasyArgsFn, draw_fantasy, guide_arguments, takes_observations
 from .objectives import PARTICLE_PLATE, sample_sites
 
@@ -210,6 +212,10 @@ class WakeSleep:
     :param fantasy_args: an optional ``fantasy_args(observations, *args, **kwargs)`` returning
         the guide's ``(args, kwargs)`` for the sleep phase, for models whose observations are not
         simply one of their arguments (see :mod:`pyro_wakesleep.fantasies`).
+    :param bool skip_nonfinite: when a step's loss or gradient is NaN or infinite (or the data
+        hold NaN), skip the step - no parameter or optimizer state changes - count it in
+        :attr:`num_skipped_steps`, warn, and return NaN losses, instead of raising
+        :class:`NonFiniteLossError` (the default).
     :param bool full_validation: with Pyro's validation enabled (its default), run all of
         Pyro's distribution checks on every step. By default they run on the first step only;
         later steps check the support of every observed value and, as always, the finiteness
@@ -241,6 +247,7 @@ class WakeSleep:
         vectorize_particles: bool = True,
         max_plate_nesting: Optional[int] = None,
         fantasy_args: Optional[FantasyArgsFn] = None,
+        skip_nonfinite: bool = False,
         full_validation: bool = False,
     ) -> None:
         for name, opt in (("optim", optim), ("guide_optim", guide_optim)):
@@ -278,7 +285,12 @@ class WakeSleep:
         self.max_plate_nesting = max_plate_nesting
         self.fantasy_args = fantasy_args
         self.full_validation = bool(full_validation)
+        self.skip_nonfinite = bool(skip_nonfinite)
+        #: The number of updates taken (failed or skipped steps excluded).
         self.num_steps = 0
+        #: The number of steps skipped for non-finite values (``skip_nonfinite=True``).
+        self.num_skipped_steps = 0
+        self._adopt: Optional[checkpoint.AdoptLoadedParams] = None
         self._guide_takes_observations = takes_observations(guide)
 
     @staticmethod
@@ -309,6 +321,8 @@ class WakeSleep:
         :rtype: WakeSleepLosses
         """
         phases = self._run(args, kwargs, wake=True, sleep=True, update=True)
+        if phases is None:
+            return WakeSleepLosses(float("nan"), float("nan"))
         return WakeSleepLosses(_item(phases.wake_theta), _item(phases.phi))
 
     def wake_step(self, *args: Any, **kwargs: Any) -> float:
@@ -317,7 +331,8 @@ class WakeSleep:
 
         :returns: the wake-theta loss.
         """
-        return _item(self._run(args, kwargs, wake=True, sleep=False, update=True).wake_theta)
+        phases = self._run(args, kwargs, wake=True, sleep=False, update=True)
+        return float("nan") if phases is None else _item(phases.wake_theta)
 
     def sleep_step(self, *args: Any, **kwargs: Any) -> float:
         """
@@ -327,7 +342,8 @@ class WakeSleep:
 
         :returns: the phi loss.
         """
-        return _item(self._run(args, kwargs, wake=False, sleep=True, update=True).phi)
+        phases = self._run(args, kwargs, wake=False, sleep=True, update=True)
+        return float("nan") if phases is None else _item(phases.phi)
 
     def evaluate_loss(self, *args: Any, **kwargs: Any) -> WakeSleepLosses:
         """
@@ -340,9 +356,93 @@ class WakeSleep:
             phases = self._run(args, kwargs, wake=True, sleep=True, update=False)
         return WakeSleepLosses(_item(phases.wake_theta), _item(phases.phi))
 
+    def save(self, path: Union[str, os.PathLike[str]]) -> None:
+        """
+        Save a checkpoint: Pyro's parameter store, both optimizers' states, the step counts
+        and the random number generators' states, written atomically (a temporary file, then
+        a rename), so that an interrupted write leaves the previous file intact.
+
+        :param path: the checkpoint file.
+        """
+        state = {
+            "format": checkpoint.FORMAT,
+            "version": checkpoint.VERSION,
+            "params": pyro.get_param_store().get_state(),
+            "optim": self.optim.get_state(),
+            "guide_optim": (
+                None if self.guide_optim is self.optim else self.guide_optim.get_state()
+            ),
+            "num_steps": self.num_steps,
+            "num_skipped_steps": self.num_skipped_steps,
+            "rng": checkpoint.rng_state(),
+        }
+        checkpoint.atomic_save(state, path)
+
+    def load(self, path: Union[str, os.PathLike[str]]) -> None:
+        """
+        Resume from a checkpoint written by :meth:`save`, typically in a new process, after
+        building the model's and guide's modules afresh and before any step.
+
+        The loaded values fill Pyro's parameter store, the optimizers' states wait for their
+        parameters, the step counts and random generators are restored. Modules registered
+        with ``pyro.module`` (which by default keeps a module's own tensors over stored ones)
+        receive the loaded values at the next step: each value is copied into the tensor the
+        model or guide registers under its name. A run resumed this way continues bitwise as
+        the uninterrupted run would have.
+
+        :param path: the checkpoint file.
+        :raises ~pyro_wakesleep.checkpoint.CheckpointError: if the file is missing,
+            truncated, corrupt or not a WakeSleep checkpoint.
+        """
+        state = checkpoint.read(path)
+        try:
+            params = state["params"]
+            store = pyro.get_param_store()
+            store.set_state(params)
+            self.optim.set_state(state["optim"])
+            if state["guide_optim"] is not None:
+                self.guide_optim.set_state(state["guide_optim"])
+            self.num_steps = int(state["num_steps"])
+            self.num_skipped_steps = int(state["num_skipped_steps"])
+            checkpoint.set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise checkpoint.CheckpointError(
+                f"{path}: a WakeSleep checkpoint with missing or malformed entries "
+                f"({type(error).__name__}: {error})"
+            ) from error
+        self._adopt = checkpoint.AdoptLoadedParams(set(params["params"]))
+
     # ------------------------------------------------------------------ internals
 
-    def _run(self, args: tuple, kwargs: dict, *, wake: bool, sleep: bool, update: bool) -> _Phases:
+    def _run(
+        self, args: tuple, kwargs: dict, *, wake: bool, sleep: bool, update: bool
+    ) -> Optional[_Phases]:
+        if self._adopt is not None:
+            with self._adopt:
+                result = self._run_checked(args, kwargs, wake=wake, sleep=sleep, update=update)
+            if not self._adopt.pending:
+                self._adopt = None
+        else:
+            result = self._run_checked(args, kwargs, wake=wake, sleep=sleep, update=update)
+        return result
+
+    def _run_checked(
+        self, args: tuple, kwargs: dict, *, wake: bool, sleep: bool, update: bool
+    ) -> Optional[_Phases]:
+        try:
+            return self._run_once(args, kwargs, wake=wake, sleep=sleep, update=update)
+        except NonFiniteLossError as error:
+            if not (self.skip_nonfinite and update):
+                raise
+            self.num_skipped_steps += 1
+            warnings.warn(
+                f"Skipped a step (skip_nonfinite=True). {error}", RuntimeWarning, stacklevel=4
+            )
+            return None
+
+    def _run_once(
+        self, args: tuple, kwargs: dict, *, wake: bool, sleep: bool, update: bool
+    ) -> _Phases:
         """
         Compute the losses of the requested phases and, with ``update``, take the optimizer
         steps. Any failure leaves the parameter store, the gradients and the optimizers as they
@@ -459,7 +559,10 @@ class WakeSleep:
 
     def _plate_nesting(self, args: tuple, kwargs: dict) -> int:
         if self.max_plate_nesting is None:
-            with poutine.block(), torch.no_grad():
+            # A probe that leaves the random streams as they were: a run resumed from a
+            # checkpoint (which probes again) draws what the uninterrupted run draws.
+            devices = [a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda]
+            with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices):
                 guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
                 model_trace = poutine.trace(
                     poutine.replay(self.model, trace=guide_trace)
