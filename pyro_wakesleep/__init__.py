@@ -15,6 +15,7 @@ from .evaluate import (
     importance_log_likelihood,
 )
 from .fantasies import FantasyError, draw_fantasy, fantasy_observations, guide_arguments
+from .module import WakeSleepModule
 from .wake_sleep import NonFiniteLossError, WakeSleep, WakeSleepLosses
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "NonFiniteLossError",
     "WakeSleep",
     "WakeSleepLosses",
+    "WakeSleepModule",
     "draw_fantasy",
     "fantasy_observations",
     "guide_arguments",

@@ -194,7 +194,8 @@ class WakeSleep:
     :param guide: the guide (recognition model), a callable with the same arguments as the
         model that samples every latent site of the model and no observed site.
     :param optim: a :class:`pyro.optim.PyroOptim`, used for the model's parameters and, unless
-        ``guide_optim`` is given, for the guide's.
+        ``guide_optim`` is given, for the guide's. ``None`` for an estimator used only through
+        :meth:`differentiable_loss` (with a torch optimizer, or :class:`WakeSleepModule`).
     :param guide_optim: an optional separate :class:`~pyro.optim.PyroOptim` for the guide.
     :param int num_particles: :math:`K`, the number of guide samples per data point in the wake
         phase. ``1`` is classic wake-sleep; ``K > 1`` is reweighted wake-sleep.
@@ -216,6 +217,16 @@ class WakeSleep:
         hold NaN), skip the step - no parameter or optimizer state changes - count it in
         :attr:`num_skipped_steps`, warn, and return NaN losses, instead of raising
         :class:`NonFiniteLossError` (the default).
+    :param bool distributed: train data-parallel over ``torch.distributed``'s default process
+        group: each process steps on its own shard of the data and draws its own samples and
+        fantasies (seed each process differently), the parameters are broadcast from rank 0
+        at the first step, and every step averages the losses and the wake-theta and phi
+        gradients over the processes (two collectives) before the identical updates. With a
+        model that scales its likelihood to the data set (``pyro.plate(size=N,
+        subsample=...)``), each process's loss estimates the full-data loss, and W processes
+        on W shards of a batch take the step of one process on the whole batch. A failure on
+        any process (bad data, non-finite values) is raised on every process, with nothing
+        updated anywhere.
     :param bool full_validation: with Pyro's validation enabled (its default), run all of
         Pyro's distribution checks on every step. By default they run on the first step only;
         later steps check the support of every observed value and, as always, the finiteness
@@ -238,7 +249,7 @@ class WakeSleep:
         self,
         model: Callable,
         guide: Callable,
-        optim: PyroOptim,
+        optim: Optional[PyroOptim],
         *,
         guide_optim: Optional[PyroOptim] = None,
         num_particles: int = 1,
@@ -248,10 +259,11 @@ class WakeSleep:
         max_plate_nesting: Optional[int] = None,
         fantasy_args: Optional[FantasyArgsFn] = None,
         skip_nonfinite: bool = False,
+        distributed: bool = False,
         full_validation: bool = False,
     ) -> None:
         for name, opt in (("optim", optim), ("guide_optim", guide_optim)):
-            if (opt is not None or name == "optim") and not isinstance(opt, PyroOptim):
+            if opt is not None and not isinstance(opt, PyroOptim):
                 raise TypeError(
                     f"{name} must be a pyro.optim.PyroOptim such as pyro.optim.Adam({{'lr': "
                     f"1e-3}}), got {type(opt).__name__}"
@@ -286,6 +298,15 @@ class WakeSleep:
         self.fantasy_args = fantasy_args
         self.full_validation = bool(full_validation)
         self.skip_nonfinite = bool(skip_nonfinite)
+        self.distributed = bool(distributed)
+        if self.distributed and not torch.distributed.is_initialized():
+            raise RuntimeError(
+                "WakeSleep(distributed=True) needs torch.distributed's default process group: "
+                "call torch.distributed.init_process_group(...) first (torchrun sets up the "
+                "environment it reads)."
+            )
+        self._validated = False
+        self._broadcast_done = False
         #: The number of updates taken (failed or skipped steps excluded).
         self.num_steps = 0
         #: The number of steps skipped for non-finite values (``skip_nonfinite=True``).
@@ -320,6 +341,7 @@ class WakeSleep:
         :returns: the losses, as floats.
         :rtype: WakeSleepLosses
         """
+        self._require_optim()
         phases = self._run(args, kwargs, wake=True, sleep=True, update=True)
         if phases is None:
             return WakeSleepLosses(float("nan"), float("nan"))
@@ -331,6 +353,7 @@ class WakeSleep:
 
         :returns: the wake-theta loss.
         """
+        self._require_optim()
         phases = self._run(args, kwargs, wake=True, sleep=False, update=True)
         return float("nan") if phases is None else _item(phases.wake_theta)
 
@@ -342,8 +365,26 @@ class WakeSleep:
 
         :returns: the phi loss.
         """
+        self._require_optim()
         phases = self._run(args, kwargs, wake=False, sleep=True, update=True)
         return float("nan") if phases is None else _item(phases.phi)
+
+    def differentiable_loss(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """
+        The scalar surrogate of one step: wake-theta plus phi, whose gradient is the
+        wake-theta gradient on the model's parameters and the phi gradient on the guide's (no
+        gradient crosses from one objective to the other's parameters). Use it with a torch
+        optimizer, :class:`~torch.nn.parallel.DistributedDataParallel` or a training
+        framework; :meth:`step` does the same and updates atomically.
+
+        :returns: a scalar tensor.
+        """
+        validate = dist_util.is_validation_enabled()
+        trim = validate and self._validated and not self.full_validation
+        with dist_util.validation_enabled(not trim):
+            result = self._compute(args, kwargs, wake=True, sleep=True, check_support=trim)
+        self._validated = True
+        return sum(x for x in (result.wake_theta, result.phi) if x is not None)
 
     def evaluate_loss(self, *args: Any, **kwargs: Any) -> WakeSleepLosses:
         """
@@ -414,6 +455,13 @@ class WakeSleep:
 
     # ------------------------------------------------------------------ internals
 
+    def _require_optim(self) -> None:
+        if self.optim is None:
+            raise ValueError(
+                "This WakeSleep has no optimizer (optim=None): use differentiable_loss with a "
+                "torch optimizer, or pass optim=pyro.optim.Adam({'lr': 1e-3}) to step."
+            )
+
     def _run(
         self, args: tuple, kwargs: dict, *, wake: bool, sleep: bool, update: bool
     ) -> Optional[_Phases]:
@@ -452,8 +500,11 @@ class WakeSleep:
         known = set(store.keys())
         result = None
         validate = dist_util.is_validation_enabled()
-        trim = validate and self.num_steps > 0 and not self.full_validation
+        trim = validate and self._validated and not self.full_validation
+        synced = False
         try:
+            if self.distributed and not self._broadcast_done:
+                self._broadcast_parameters(args, kwargs)
             with dist_util.validation_enabled(not trim):
                 result = self._compute(args, kwargs, wake=wake, sleep=sleep, check_support=trim)
             if update:
@@ -464,8 +515,17 @@ class WakeSleep:
                 loss = sum(x for x in (result.wake_theta, result.phi) if x is not None)
                 if isinstance(loss, torch.Tensor) and loss.requires_grad:
                     loss.backward()
+                if self.distributed:
+                    synced = True
+                    result = self._all_reduce(result, failed=False)
                 self._check_finite(result, args, kwargs)
         except BaseException as error:
+            if self.distributed and not synced:
+                synced = True
+                try:
+                    self._all_reduce(None, failed=True)  # tell the other processes
+                except Exception:
+                    pass
             if result is not None:
                 for p in list(result.theta.values()) + list(result.phi_params.values()):
                     p.grad = None
@@ -482,6 +542,7 @@ class WakeSleep:
                     self._nonfinite_message([], self._nonfinite_sites(args, kwargs), inputs)
                 ) from error
             raise
+        self._validated = True
         if not update:
             return result
         theta = list(result.theta.values())
@@ -494,6 +555,61 @@ class WakeSleep:
             p.grad = None
         self.num_steps += 1
         return result
+
+    def _broadcast_parameters(self, args: tuple, kwargs: dict) -> None:
+        """Create the parameters (a probe run that leaves the random streams as they were),
+        then copy rank 0's values to every process."""
+        devices = [a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda]
+        with poutine.trace(param_only=True) as capture, torch.no_grad():
+            with poutine.block(hide_types=["sample"]), torch.random.fork_rng(devices):
+                with dist_util.validation_enabled(False):
+                    guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
+                    poutine.replay(self.model, trace=guide_trace)(*args, **kwargs)
+        store = pyro.get_param_store()
+        for name in sorted(capture.trace.nodes):
+            torch.distributed.broadcast(store.get_param(name).unconstrained().data, src=0)
+        self._broadcast_done = True
+
+    def _all_reduce(self, result: Optional[_Phases], failed: bool) -> Optional[_Phases]:
+        """
+        Average the losses and gradients over the processes. A first, small collective says
+        whether any process failed (then every process raises and nothing is updated); the
+        second sums the flattened gradients.
+        """
+        world = torch.distributed.get_world_size()
+        status = torch.zeros(3, dtype=torch.float64)
+        if failed or result is None:
+            status[0] = 1.0
+        else:
+            status[1] = 0.0 if result.wake_theta is None else result.wake_theta.detach().double()
+            status[2] = 0.0 if result.phi is None else result.phi.detach().double()
+        torch.distributed.all_reduce(status)
+        if failed or result is None:
+            return None
+        if status[0] > 0:
+            raise NonFiniteLossError(
+                f"Step {self.num_steps}: another process failed this step (see its error). "
+                "No parameter or optimizer state was changed on any process."
+            )
+        params = [
+            p
+            for p in list(result.theta.values()) + list(result.phi_params.values())
+            if p.grad is not None
+        ]
+        if params:
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            torch.distributed.all_reduce(flat)
+            flat /= world
+            offset = 0
+            for p in params:
+                n = p.grad.numel()
+                p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+                offset += n
+        mean = status / world
+        like = result.wake_theta if result.wake_theta is not None else result.phi
+        wake_theta = None if result.wake_theta is None else mean[1].to(like)
+        phi = None if result.phi is None else mean[2].to(like)
+        return result._replace(wake_theta=wake_theta, phi=phi)
 
     def _nonfinite_sites(self, args: tuple, kwargs: dict) -> List[str]:
         """The sites whose log-density is not finite, found by tracing once more (failure path)."""
