@@ -419,7 +419,7 @@ class WakeSleep:
         }
         checkpoint.atomic_save(state, path)
 
-    def load(self, path: Union[str, os.PathLike[str]]) -> None:
+    def load(self, path: Union[str, os.PathLike[str]], *args: Any, **kwargs: Any) -> None:
         """
         Resume from a checkpoint written by :meth:`save`, typically in a new process, after
         building the model's and guide's modules afresh and before any step.
@@ -429,9 +429,13 @@ class WakeSleep:
         with ``pyro.module`` (which by default keeps a module's own tensors over stored ones)
         receive the loaded values at the next step: each value is copied into the tensor the
         model or guide registers under its name. A run resumed this way continues bitwise as
-        the uninterrupted run would have.
+        the uninterrupted run would have. To have the modules hold the loaded values at once
+        (to evaluate or export them before any step), pass model arguments (any batch): the
+        model and guide are then run once, drawing nothing from the random streams.
 
         :param path: the checkpoint file.
+        :param args: optional model arguments for that immediate run.
+        :param kwargs: optional model keyword arguments for it.
         :raises ~pyro_wakesleep.checkpoint.CheckpointError: if the file is missing,
             truncated, corrupt or not a WakeSleep checkpoint.
         """
@@ -452,6 +456,14 @@ class WakeSleep:
                 f"({type(error).__name__}: {error})"
             ) from error
         self._adopt = checkpoint.AdoptLoadedParams(set(params["params"]))
+        if args or kwargs:
+            devices = [a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda]
+            with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices):
+                with dist_util.validation_enabled(False), self._adopt:  # inside the block
+                    guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
+                    poutine.replay(self.model, trace=guide_trace)(*args, **kwargs)
+            if not self._adopt.pending:
+                self._adopt = None
 
     # ------------------------------------------------------------------ internals
 
