@@ -209,14 +209,26 @@ def test_bad_phi_objective(value):
         {"lr": 0.1},
         torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.1),
         "adam",
-        None,
     ],
-    ids=["dict", "torch_optimizer", "str", "none"],
+    ids=["dict", "torch_optimizer", "str"],
 )
 def test_optim_must_be_a_pyro_optim(optim):
     with pytest.raises(TypeError, match="optim") as info:
         WakeSleep(good_model, good_guide, optim)
     assert "PyroOptim" in str(info.value)
+
+
+def test_without_an_optimizer_only_the_loss_is_available():
+    """optim=None makes an estimator for differentiable_loss (torch optimizers, DDP); a step
+    then says what to do, and changes nothing."""
+    ws = WakeSleep(good_model, good_guide, None)
+    x = _data()
+    assert ws.differentiable_loss(x).requires_grad
+    before = store_snapshot()
+    for method in ("step", "wake_step", "sleep_step"):
+        with pytest.raises(ValueError, match="no optimizer.*differentiable_loss"):
+            getattr(ws, method)(x)
+    assert_store_equal(before)
 
 
 @pytest.mark.parametrize("optim", [{"lr": 0.1}, torch.optim.SGD, "adam"])
