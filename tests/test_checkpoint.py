@@ -309,3 +309,31 @@ def test_soak_script_quick_mode(tmp_path):
     summary = json.loads((tmp_path / "soak.json").read_text())
     assert summary["interrupted"]["kills"] >= 1
     assert summary["loss_curves_equal"] and summary["final_parameters_equal"]
+
+
+def test_skip_nonfinite_skips_a_step_with_a_nan_gradient_and_finite_loss():
+    """sqrt(theta * c) at c = 0 has a finite value and a 0/0 derivative in theta."""
+
+    def model(x, c):
+        theta = pyro.param("theta", torch.tensor(1.0), constraint=dist.constraints.positive)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.sqrt(theta * c), 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x, c):
+        w = pyro.param("w", torch.tensor(0.5))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(w * x, 1.0))
+
+    x = torch.randn(6)
+    optim = pyro.optim.Adam({"lr": 0.1})
+    ws = WakeSleep(model, guide, optim, skip_nonfinite=True)
+    ws.step(x, torch.tensor(1.0))
+    before = store_snapshot()
+    with pytest.warns(RuntimeWarning, match="gradient of parameter 'theta'"):
+        losses = ws.step(x, torch.tensor(0.0))
+    assert all(v != v for v in losses)
+    assert_store_equal(before)
+    assert (ws.num_steps, ws.num_skipped_steps) == (1, 1)
+    ws.step(x, torch.tensor(1.0))
+    assert (ws.num_steps, ws.num_skipped_steps) == (2, 1)
