@@ -18,9 +18,7 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -28,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import pyro
 import torch
 
+from .checkpoint import atomic_save
 from .datasets import Bars, DatasetError, load_dataset
 from .evaluate import evaluate_dataset, exact_log_likelihood
 from .models import GaussianHelmholtz, HelmholtzMachine
@@ -317,17 +316,7 @@ def _net_device(net: torch.nn.Module) -> torch.device:
 def _atomic_save(obj: Any, path: Path) -> None:
     """Write ``obj`` with torch.save to a temporary file beside ``path``, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_save(obj, path)
 
 
 def _save_checkpoint(folder: Path, net, ws: WakeSleep, state: Dict[str, Any]) -> None:

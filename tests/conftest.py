@@ -1,6 +1,7 @@
 import pyro
 import pytest
 import torch
+from pyro.poutine.messenger import Messenger
 
 
 @pytest.fixture(autouse=True)
@@ -23,3 +24,17 @@ def assert_store_equal(before, after=None):
     assert before.keys() == after.keys()
     for name in before:
         assert torch.equal(before[name], after[name]), name
+
+
+class InjectSamples(Messenger):
+    """Give each unobserved sample site that has no value yet the next value from a per-site
+    queue (``{name: [value, ...]}``): particles and fantasies chosen by a test."""
+
+    def __init__(self, queues):
+        super().__init__()
+        self.queues = queues
+
+    def _pyro_sample(self, msg):
+        queue = self.queues.get(msg["name"])
+        if queue and msg["value"] is None and not msg["is_observed"]:
+            msg["value"] = queue.pop(0)

@@ -26,7 +26,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.poutine.messenger import Messenger
+from conftest import InjectSamples
 
 from pyro_wakesleep import WakeSleep
 
@@ -504,19 +504,6 @@ def test_large_k_bound_approaches_the_log_marginal_likelihood(N):
 # --------------------------------------------------------------------------------------------
 
 
-class _Inject(Messenger):
-    """Give sample sites without a value the next value from a per-site queue."""
-
-    def __init__(self, queues):
-        super().__init__()
-        self.queues = queues
-
-    def _pyro_sample(self, msg):
-        queue = self.queues.get(msg["name"])
-        if queue and msg["value"] is None:
-            msg["value"] = queue.pop(0)
-
-
 def _injected_run(x, vectorize, wake_z, sleep_z, sleep_x, K, S):
     """
     One wake and one sleep phase with the given particles and fantasies.
@@ -531,7 +518,7 @@ def _injected_run(x, vectorize, wake_z, sleep_z, sleep_x, K, S):
     else:
         wake_queue = list(wake_z)
         sleep_queues = {"z": list(sleep_z), "x": list(sleep_x)}
-    guide_handler = _Inject({"z": wake_queue})
+    guide_handler = InjectSamples({"z": wake_queue})
 
     def guide(x, observations=None):
         with guide_handler:
@@ -547,7 +534,7 @@ def _injected_run(x, vectorize, wake_z, sleep_z, sleep_x, K, S):
         vectorize_particles=vectorize,
         max_plate_nesting=1,
     )
-    with _Inject(sleep_queues):
+    with InjectSamples(sleep_queues):
         phases = ws._compute((x,), {}, wake=True, sleep=True)
     assert not wake_queue and not sleep_queues["z"] and not sleep_queues["x"]
     theta = [phases.theta[n] for n in ("M", "b", "log_s")]

@@ -10,10 +10,9 @@ from dataclasses import dataclass
 import pyro
 import pyro.distributions as dist
 import torch
-from conftest import store_snapshot
+from conftest import InjectSamples, store_snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pyro.poutine.messenger import Messenger
 
 from pyro_wakesleep import WakeSleep
 
@@ -145,19 +144,6 @@ def test_losses_are_finite_scalars_and_phases_touch_only_their_parameters(case, 
     assert any(not torch.equal(after[n], again[n]) for n in phi)
 
 
-class _Inject(Messenger):
-    """Give each latent site of the guide its next value from a per-site queue."""
-
-    def __init__(self, queues):
-        super().__init__()
-        self.queues = queues
-
-    def _pyro_sample(self, msg):
-        queue = self.queues.get(msg["name"])
-        if queue and msg["value"] is None and not msg["is_observed"]:
-            msg["value"] = queue.pop(0)
-
-
 def _particles(case, generator):
     """K values per latent site, stacked along a leading particle dimension."""
     shape = (case.particles,) + ((G,) if case.nested else ()) + (case.batch,)
@@ -189,7 +175,7 @@ def test_vectorized_and_sequential_particles_agree_on_the_same_particles(case):
             queues = {n: [v] for n, v in values.items()}
         else:
             queues = {n: list(v.unbind(0)) for n, v in values.items()}
-        injector = _Inject(queues)
+        injector = InjectSamples(queues)
 
         def injected_guide(x, observations=None, injector=injector, guide=guide):
             with injector:
