@@ -21,7 +21,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pyro
 import torch
@@ -67,6 +67,32 @@ def _positive_float(text: str) -> float:
     if not value > 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text}")
+    return value
+
+
+def _steps(text: str) -> List[int]:
+    try:
+        steps = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be increasing comma-separated step counts such as 800,2500, got {text!r}"
+        ) from None
+    if not steps or steps[0] < 1 or any(b <= a for a, b in zip(steps, steps[1:])):
+        raise argparse.ArgumentTypeError(f"must be increasing positive step counts, got {text!r}")
+    return steps
 
 
 def _layers(text: str) -> List[int]:
@@ -149,35 +175,79 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--num-particles",
         type=_positive_int,
-        default=1,
-        help="K; 1 is classic wake-sleep, K > 1 reweighted wake-sleep",
+        default=None,
+        help="K; 1 is classic wake-sleep, K > 1 reweighted wake-sleep (default 1; 5 for bars)",
     )
     train.add_argument("--num-sleep-particles", type=_positive_int, default=1)
     train.add_argument(
         "--phi-objective",
         type=_phi_objective,
-        default="sleep",
-        help="'sleep', 'wake', or a in [0, 1] mixing wake-phi and sleep-phi",
+        default=None,
+        help="'sleep', 'wake', or a in [0, 1] mixing wake-phi and sleep-phi "
+        "(default sleep; wake for bars)",
     )
     train.add_argument("--optimizer", choices=["adam", "sgd", "clippedadam"], default="adam")
     train.add_argument(
         "--lr",
         type=_positive_float,
         default=None,
-        help="learning rate (default 1e-3; 3e-2 for bars)",
+        help="learning rate (default 1e-3; 0.1 for bars)",
     )
     train.add_argument(
         "--guide-lr",
         type=_positive_float,
         default=None,
-        help="learning rate of the guide (default: --lr)",
+        help="learning rate of the guide (default: --lr; 0.3 for bars)",
+    )
+    train.add_argument(
+        "--init",
+        choices=["default", "sparse"],
+        default=None,
+        help="initial weights: torch's defaults, or HelmholtzMachine.sparse_init_ "
+        "(default: sparse for bars)",
+    )
+    train.add_argument(
+        "--candidates",
+        type=_positive_int,
+        default=None,
+        help="train this many networks from different seeds and keep the best by successive "
+        "selection on held-in training data (default 1; 12 for bars)",
+    )
+    train.add_argument(
+        "--selection-steps",
+        type=_steps,
+        default=None,
+        help="with --candidates: step counts at which candidates are ranked; a third survive "
+        "each ranking and one the last (default 800,2500 for bars)",
+    )
+    train.add_argument(
+        "--shrink",
+        type=_fraction,
+        default=None,
+        help="multiply the weight matrices by 1 - SHRINK after each of the first "
+        "--shrink-steps steps (default 0; 3e-3 for bars)",
+    )
+    train.add_argument("--shrink-steps", type=_nonnegative_int, default=None)
+    train.add_argument(
+        "--lr-decay",
+        type=_fraction,
+        default=None,
+        help="decay the learning rates geometrically over this final fraction of the run "
+        "(default 0; 0.6 for bars)",
+    )
+    train.add_argument(
+        "--lr-final",
+        type=_positive_float,
+        default=0.01,
+        help="learning rate factor reached at the end of --lr-decay",
     )
     train.add_argument("--batch-size", type=_positive_int, default=100)
     train.add_argument(
         "--epochs",
         type=_positive_int,
         default=None,
-        help="passes over the training data (default 100; bars: 200 epochs of 100 fresh batches)",
+        help="passes over the training data (default 100; bars: 60 epochs of 100 fresh batches "
+        "after the candidate selection)",
     )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -235,10 +305,29 @@ def _defaults(config: Dict[str, Any]) -> Dict[str, Any]:
     bars = config["dataset"] == "bars"
     if config["layers"] is None:
         config["layers"] = [16, 8, 1] if bars else [784, 200]
-    if config["lr"] is None:
-        config["lr"] = 3e-2 if bars else 1e-3
-    if config["epochs"] is None:
-        config["epochs"] = 200 if bars else 100
+    # The bars recipe (measured in the README): reweighted wake-sleep from a sparse start,
+    # weight shrinkage early on, the best of 12 candidates, and a decaying learning rate.
+    recipe = {
+        "lr": (0.1, 1e-3),
+        "guide_lr": (0.3, None),
+        "epochs": (60, 100),
+        "num_particles": (5, 1),
+        "phi_objective": ("wake", "sleep"),
+        "init": ("sparse", "default"),
+        "candidates": (12, 1),
+        "selection_steps": ([800, 2500], []),
+        "shrink": (3e-3, 0.0),
+        "shrink_steps": (2000, 0),
+        "lr_decay": (0.6, 0.0),
+    }
+    for key, (for_bars, otherwise) in recipe.items():
+        if config.get(key) is None:
+            config[key] = for_bars if bars else otherwise
+    config.setdefault("lr_final", 0.01)
+    if config["candidates"] > 1 and not config["selection_steps"]:
+        raise CommandError("--candidates above 1 needs --selection-steps, such as 800,2500")
+    if config["init"] == "sparse" and config["model"] != "helmholtz":
+        raise CommandError("--init sparse is for --model helmholtz")
     if config["hidden"] is None:
         config["hidden"] = [] if config["model"] == "helmholtz" else [200]
     if config["eval_every"] is None:
@@ -266,7 +355,7 @@ def _load_data(config: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     }
 
 
-def _build_model(config: Dict[str, Any]) -> torch.nn.Module:
+def _build_model(config: Dict[str, Any], name: Optional[str] = None) -> torch.nn.Module:
     x_dim = 16 if config["dataset"] == "bars" else 784
     if config["model"] == "helmholtz":
         layers = list(config["layers"])
@@ -274,8 +363,113 @@ def _build_model(config: Dict[str, Any]) -> torch.nn.Module:
             raise CommandError(
                 f"--layers must start with the data dimension {x_dim}, got {layers[0]}"
             )
-        return HelmholtzMachine(layers, hidden=tuple(config["hidden"]))
-    return GaussianHelmholtz(x_dim, config["z_dim"], list(config["hidden"]) or [200])
+        net = HelmholtzMachine(layers, hidden=tuple(config["hidden"]), name=name or "helmholtz")
+        if config.get("init") == "sparse":
+            net.sparse_init_()
+        return net
+    return GaussianHelmholtz(
+        x_dim, config["z_dim"], list(config["hidden"]) or [200], name=name or "gaussian_helmholtz"
+    )
+
+
+def _after_step(net: torch.nn.Module, ws: WakeSleep, config: Dict[str, Any]) -> None:
+    """Early weight shrinkage: weights times (1 - shrink) after each of the first steps."""
+    if config.get("shrink") and ws.num_steps <= config.get("shrink_steps", 0):
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                if name.endswith("weight"):
+                    p.mul_(1.0 - config["shrink"])
+
+
+def _set_lr_factor(ws: WakeSleep, config: Dict[str, Any], factor: float) -> None:
+    """Scale both optimizers' learning rates to ``factor`` times the configured ones."""
+    for optim, base in ((ws.optim, config["lr"]), (ws.guide_optim, config["guide_lr"])):
+        for torch_optim in optim.optim_objs.values():
+            torch_optim = getattr(torch_optim, "optimizer", torch_optim)  # an LR scheduler
+            for group in torch_optim.param_groups:
+                group["lr"] = (base or config["lr"]) * factor
+
+
+def _lr_factor(config: Dict[str, Any], done: int, total: int) -> float:
+    """1 until the last ``lr_decay`` fraction of the run, then geometric down to lr_final."""
+    decay = config.get("lr_decay", 0.0)
+    start = 1.0 - decay
+    fraction = done / max(total, 1)
+    if not decay or fraction < start:
+        return 1.0
+    return config["lr_final"] ** ((fraction - start) / decay)
+
+
+def _draw_batch(data: Dict[str, Any], config: Dict[str, Any], generator, device) -> torch.Tensor:
+    if "bars" in data:
+        return data["bars"].sample(config["batch_size"], generator).to(device)
+    train_x = data["train"]
+    rows = torch.randint(len(train_x), (config["batch_size"],), generator=generator)
+    return train_x[rows.to(train_x.device)]
+
+
+def _selection_score(net: torch.nn.Module, data: Dict[str, Any], held_in: torch.Tensor) -> float:
+    """Mean log-likelihood of held-in training data: exact for bars, else 10 samples."""
+    with torch.no_grad():
+        if "bars" in data:
+            return float(exact_log_likelihood(net.model, held_in, max_plate_nesting=1).mean())
+        result = evaluate_dataset(
+            net.model, net.guide, held_in, batch_size=100, num_samples=10, chunk_size=10
+        )
+        return float(result.log_px.mean())
+
+
+def _select_candidate(
+    config: Dict[str, Any], data: Dict[str, Any], device: torch.device, log: Callable
+) -> Tuple[torch.nn.Module, WakeSleep]:
+    """
+    Train ``candidates`` networks from different seeds, ranking them at each of
+    ``selection_steps`` by the mean log-likelihood of a fixed held-in sample of training data
+    (never the test data): a third survive each ranking, one the last. Returns the winner
+    rebuilt under the run's parameter names, with its optimizer states and step count.
+    """
+    seed = config["seed"]
+    if "bars" in data:
+        held_in = data["bars"].sample(2000, torch.Generator().manual_seed(10_000 + seed))
+        held_in = held_in.to(device)
+    else:
+        held_in = data["train"][:500]
+    candidates = []
+    for r in range(config["candidates"]):
+        torch.manual_seed(seed * 1000 + r)
+        net = _build_model(config, name=f"candidate{r}").to(device)
+        ws = _wake_sleep(net, config)
+        candidates.append((r, net, ws, torch.Generator().manual_seed(seed * 1000 + r + 7)))
+    done = 0
+    rounds = config["selection_steps"]
+    for i, upto in enumerate(rounds):
+        for _, net, ws, generator in candidates:
+            for _ in range(upto - done):
+                ws.step(_draw_batch(data, config, generator, device))
+                _after_step(net, ws, config)
+        done = upto
+        scores = {c[0]: _selection_score(c[1], data, held_in) for c in candidates}
+        scored = sorted(candidates, key=lambda c: -scores[c[0]])
+        keep = 1 if i == len(rounds) - 1 else max(1, math.ceil(len(candidates) / 3))
+        candidates = scored[:keep]
+        log(
+            f"selection after {upto} steps: kept candidate(s) "
+            + ", ".join(str(c[0]) for c in candidates)
+            + f" (best held-in log-likelihood {scores[scored[0][0]]:.4f})"
+        )
+    _, best_net, best_ws, _ = candidates[0]
+    # Continue under the run's own parameter names (so a checkpoint resumes like any run).
+    prefix = f"{best_net.name}_"
+    net = _build_model(config).to(device)
+    net.load_state_dict(best_net.state_dict())
+    ws = _wake_sleep(net, config)
+    for mine, theirs in ((ws.optim, best_ws.optim), (ws.guide_optim, best_ws.guide_optim)):
+        mine.set_state(
+            {f"{net.name}_" + k[len(prefix) :]: v for k, v in theirs.get_state().items()}
+        )
+    ws.num_steps = best_ws.num_steps
+    pyro.clear_param_store()
+    return net, ws
 
 
 def _optimizer(name: str, lr: float) -> pyro.optim.PyroOptim:
@@ -495,8 +689,12 @@ def train(
     pyro.clear_param_store()
     pyro.set_rng_seed(config["seed"])
     data = _load_data(config, device)
-    net = _build_model(config).to(device)
-    ws = _wake_sleep(net, config)
+    bar_log = print if progress else (lambda *a: None)
+    if checkpoint is None and config.get("candidates", 1) > 1:
+        net, ws = _select_candidate(config, data, device, bar_log)
+    else:
+        net = _build_model(config).to(device)
+        ws = _wake_sleep(net, config)
     start_epoch = 0
     if checkpoint is not None:
         net.load_state_dict(checkpoint["net"])
@@ -555,8 +753,12 @@ def train(
                 ]
             wake_sum = phi_sum = 0.0
             count = 0
-            for x in batches:
+            for b, x in enumerate(batches):
+                done = epoch * batches_per_epoch + b
+                if config.get("lr_decay"):
+                    _set_lr_factor(ws, config, _lr_factor(config, done, total))
                 losses = ws.step(x)
+                _after_step(net, ws, config)
                 wake_sum += losses.wake_theta
                 phi_sum += losses.phi
                 count += len(x)

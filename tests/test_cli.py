@@ -1,6 +1,7 @@
 """The pyro-wakesleep command, end to end on tiny settings."""
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -86,14 +87,42 @@ def test_evaluate_command(tmp_path, capsys):
 
 
 def test_bars_reports_exact_kl(tmp_path, capsys):
+    """The bars recipe on a tiny budget: candidates ranked twice, the winner continued (with
+    its optimizer state, under the run's own parameter names), then resumed."""
     out = tmp_path / "bars"
-    assert (
-        main(["train", "--dataset", "bars", "--epochs", "2", "--output", str(out), "--no-progress"])
-        == 0
-    )
-    assert "KL[data || model]" in capsys.readouterr().out
+    argv = ["train", "--dataset", "bars", "--epochs", "2", "--output", str(out)]
+    argv += ["--candidates", "3", "--selection-steps", "4,8", "--shrink-steps", "6"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "KL[data || model]" in printed
+    assert "selection after 4 steps: kept candidate(s)" in printed
+    assert "selection after 8 steps" in printed
     kl = [float(r["kl_bits"]) for r in rows(out) if r["kl_bits"]]
     assert kl and all(k > 0 for k in kl)
+    # 8 selection steps of the winner, then 2 epochs of 100
+    assert [int(r["step"]) for r in rows(out)] == [108, 208]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_particles"], config["phi_objective"], config["init"]) == (
+        5,
+        "wake",
+        "sparse",
+    )
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert all(k.startswith("helmholtz_") for k in checkpoint["optim"])
+    assert main(["train", "--resume", str(out), "--epochs", "3", "--no-progress"]) == 0
+    assert [int(r["step"]) for r in rows(out)] == [108, 208, 308]
+
+
+def test_lr_decay_schedule():
+    from pyro_wakesleep.cli import _lr_factor
+
+    config = {"lr_decay": 0.6, "lr_final": 0.01}
+    assert _lr_factor(config, 0, 100) == 1.0
+    assert _lr_factor(config, 39, 100) == 1.0
+    assert _lr_factor(config, 40, 100) == pytest.approx(1.0)
+    assert _lr_factor(config, 70, 100) == pytest.approx(0.1)  # half-way down, geometrically
+    assert _lr_factor(config, 100, 100) == pytest.approx(0.01)
+    assert _lr_factor({"lr_decay": 0.0, "lr_final": 0.01}, 99, 100) == 1.0
 
 
 @pytest.mark.parametrize(

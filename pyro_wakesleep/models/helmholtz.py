@@ -64,6 +64,10 @@ def mlp(in_features: int, out_features: int, hidden: Hidden = ()) -> nn.Module:
     return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
 
 
+def _last_linear(f: nn.Module) -> nn.Linear:
+    return f if isinstance(f, nn.Linear) else [m for m in f if isinstance(m, nn.Linear)][-1]
+
+
 def _hidden_sizes(hidden: Hidden) -> tuple:
     if isinstance(hidden, int):
         sizes: tuple = (hidden,) if hidden > 0 else ()
@@ -220,6 +224,28 @@ class HelmholtzMachine(ModelGuidePair):
         self.recognition = nn.ModuleList(
             mlp(sizes[i], sizes[i + 1], hidden) for i in range(self.num_layers)
         )
+
+    @torch.no_grad()
+    def sparse_init_(
+        self, scale: float = 0.1, data_bias: float = -3.0, hidden_bias: float = -1.4
+    ) -> HelmholtzMachine:
+        """
+        Re-initialize for sparse binary data: every parameter drawn from
+        :math:`\\mathcal{N}(0, \\text{scale}^2)`, then the biases of the maps into the data
+        layer set to ``data_bias`` and those into the layers between the data and the top
+        (generative and recognition) to ``hidden_bias``, so that units start mostly off; the
+        top layer keeps small random biases. It draws from torch's
+        global random stream. (The bars recipe of the command uses it.)
+
+        :returns: self.
+        """
+        for p in self.parameters():
+            p.copy_(scale * torch.randn_like(p))
+        for i, f in enumerate(self.generative.top_down):
+            _last_linear(f).bias.fill_(data_bias if i == 0 else hidden_bias)
+        for g in self.recognition[:-1]:
+            _last_linear(g).bias.fill_(hidden_bias)
+        return self
 
     def model(
         self,
