@@ -3,7 +3,7 @@ Soak test: a long WakeSleep run that is killed (SIGKILL) again and again at rand
 resumed each time from its last checkpoint, against the same run left alone. It reports
 whether the loss curves and the final parameters match bitwise.
 
-    python benchmarks/soak.py [--steps 5000] [--checkpoint-every 100] [--kills 10] [--quick]
+    python benchmarks/soak.py [--steps 20000] [--checkpoint-every 100] [--kills 10] [--quick]
 
 Each training process builds the network afresh (so resuming goes through WakeSleep.load and
 freshly built pyro.module modules, as a user's would), takes its batches in an order fixed by
@@ -93,11 +93,11 @@ def run(folder: Path, args: argparse.Namespace, kills: int, rng: random.Random) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--kills", type=int, default=10)
-    parser.add_argument("--min-delay", type=float, default=4.0, help="seconds before a kill")
-    parser.add_argument("--max-delay", type=float, default=15.0)
+    parser.add_argument("--min-delay", type=float, default=3.0, help="seconds before a kill")
+    parser.add_argument("--max-delay", type=float, default=8.0)
     parser.add_argument("--layers", default="50")
     parser.add_argument("--num-particles", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=100)
