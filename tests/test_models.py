@@ -269,3 +269,29 @@ def test_wakesleep_recovers_mixture_means(num_particles, phi_objective):
     assert (means[list(perm)] - sample_means).abs().max().item() < 0.15
     assert torch.allclose(gm.weights.detach(), torch.full((3,), 1 / 3), atol=0.05)
     assert torch.allclose(gm.scales.detach(), torch.full((3, 2), 0.5), atol=0.15)
+
+
+def test_bernoulli_units_is_bernoulli_to_event_with_a_leaner_log_prob():
+    """The same log-density and gradients as Bernoulli(logits).to_event(1), to the bit, with
+    broadcasting values and after expand (Pyro's plates expand site distributions)."""
+    import pyro.distributions as dist
+
+    from pyro_wakesleep.models import BernoulliUnits
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 5, requires_grad=True)
+    value = torch.bernoulli(torch.full((4, 5), 0.5))
+    ours, pyros = BernoulliUnits(logits), dist.Bernoulli(logits=logits).to_event(1)
+    assert (ours.batch_shape, ours.event_shape) == (pyros.batch_shape, pyros.event_shape)
+    a, b = ours.log_prob(value), pyros.log_prob(value)
+    assert torch.equal(a, b)
+    (ga,) = torch.autograd.grad(a.sum(), logits)
+    (gb,) = torch.autograd.grad(b.sum(), logits)
+    assert torch.equal(ga, gb)
+    wide = ours.expand((2, 3, 4))
+    assert isinstance(wide, BernoulliUnits) and wide.batch_shape == (2, 3, 4)
+    assert torch.equal(wide.log_prob(value), pyros.expand((2, 3, 4)).log_prob(value))
+    assert wide.sample().shape == (2, 3, 4, 5)
+    assert torch.equal(ours.mean, torch.sigmoid(logits))
+    with pytest.raises(ValueError):
+        ours.log_prob(torch.full((4, 5), 2.0))  # validation of the support, as Pyro's

@@ -9,7 +9,9 @@ Each is an :class:`~torch.nn.Module` (a :class:`ModelGuidePair`) with Pyro metho
 
 * :class:`HelmholtzMachine`: a layered sigmoid belief net with binary stochastic units;
 * :class:`GaussianHelmholtz`: standard normal latents and a Bernoulli decoder;
-* :class:`GaussianMixture`: a Gaussian mixture with an amortized categorical guide.
+* :class:`GaussianMixture`: a Gaussian mixture with an amortized categorical guide;
+* :class:`BernoulliUnits`: ``Bernoulli(logits=...).to_event(1)`` with a leaner ``log_prob``,
+  the binary units of the first two.
 
 >>> import pyro
 >>> from pyro_wakesleep import WakeSleep
@@ -19,7 +21,14 @@ Each is an :class:`~torch.nn.Module` (a :class:`ModelGuidePair`) with Pyro metho
 """
 
 from .gaussian import GaussianHelmholtz
-from .helmholtz import HelmholtzMachine, ModelGuidePair, mlp
+from .helmholtz import BernoulliUnits, HelmholtzMachine, ModelGuidePair, mlp
 from .mixture import GaussianMixture
 
-__all__ = ["GaussianHelmholtz", "GaussianMixture", "HelmholtzMachine", "ModelGuidePair", "mlp"]
+__all__ = [
+    "BernoulliUnits",
+    "GaussianHelmholtz",
+    "GaussianMixture",
+    "HelmholtzMachine",
+    "ModelGuidePair",
+    "mlp",
+]

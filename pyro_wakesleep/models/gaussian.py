@@ -28,7 +28,7 @@ import pyro.distributions as dist
 import torch
 from torch.nn import functional
 
-from .helmholtz import Hidden, ModelGuidePair, mlp
+from .helmholtz import BernoulliUnits, Hidden, ModelGuidePair, mlp
 
 MIN_SCALE = 1e-4
 
@@ -72,7 +72,7 @@ class GaussianHelmholtz(ModelGuidePair):
         loc = torch.zeros(self.z_dim, dtype=ref.dtype, device=ref.device)
         with pyro.plate("data", x.shape[-2], dim=-1):
             z = pyro.sample("z", dist.Normal(loc, torch.ones_like(loc)).to_event(1))
-            pyro.sample("x", dist.Bernoulli(logits=self.generative(z)).to_event(1), obs=x)
+            pyro.sample("x", BernoulliUnits(self.generative(z)), obs=x)
 
     def encode(self, x: torch.Tensor) -> tuple:
         """The guide's mean :math:`\\mu_\\phi(x)` and scale :math:`s_\\phi(x)`."""

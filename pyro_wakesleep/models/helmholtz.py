@@ -87,9 +87,7 @@ class BernoulliUnits(dist.Independent):
         if self._validate_args:
             self._validate_sample(value)
         logits, value = torch.broadcast_tensors(self.base_dist.logits, value)
-        return -functional.binary_cross_entropy_with_logits(
-            logits, value, reduction="none"
-        ).sum(-1)
+        return -functional.binary_cross_entropy_with_logits(logits, value, reduction="none").sum(-1)
 
 
 def _last_linear(f: nn.Module) -> nn.Linear:
@@ -290,9 +288,7 @@ class HelmholtzMachine(ModelGuidePair):
         self._register_generative()
         gen = self.generative
         with pyro.plate("data", x.shape[-2], dim=-1):
-            z = pyro.sample(
-                f"z{self.num_layers}", BernoulliUnits(gen.prior_logits)
-            )
+            z = pyro.sample(f"z{self.num_layers}", BernoulliUnits(gen.prior_logits))
             for layer in range(self.num_layers - 1, 0, -1):
                 logits = gen.top_down[layer](z)
                 z = pyro.sample(f"z{layer}", BernoulliUnits(logits))
