@@ -119,6 +119,15 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     try:
         train(rank, world, args)
     finally:
+        _shut_down()
+
+
+def _shut_down() -> None:
+    """Meet the other processes, then close the group: a process that tears down its gloo
+    connections while a peer is still using them can abort it."""
+    try:
+        dist.barrier()
+    finally:
         dist.destroy_process_group()
 
 
@@ -144,7 +153,7 @@ def main(argv=None) -> None:
     try:
         train(rank, world, args)
     finally:
-        dist.destroy_process_group()
+        _shut_down()
 
 
 if __name__ == "__main__":

@@ -76,6 +76,15 @@ def test_ranks_stay_identical_over_many_adam_steps(tmp_path):
 # ---------------------------------------------------------------- a failure on one process
 
 
+def _shut_down():
+    """Meet the other processes, then close the group: a process that tears down its gloo
+    connections while a peer is still using them can abort it."""
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -128,7 +137,7 @@ def _failing_worker(rank, world, port, out):
             f"{out}.rank{rank}",
         )
     finally:
-        dist.destroy_process_group()
+        _shut_down()
 
 
 def test_a_failure_on_one_process_raises_on_every_process(tmp_path):
