@@ -63,15 +63,14 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.poutine import Trace
 
 from . import objectives
-from .objectives import PARTICLE_PLATE, local_plates, sample_sites, site_log_prob
-from .wake_sleep import _check_sites
+from .objectives import local_plates, sample_sites, site_log_prob
+from .wake_sleep import _check_sites, _particle_plate
 
 
 class LogLikelihood(NamedTuple):
@@ -113,14 +112,6 @@ class LogLikelihood(NamedTuple):
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def _with_particle_plate(fn: Callable, size: int, dim: int) -> Callable:
-    def vectorized(*args: Any, **kwargs: Any) -> Any:
-        with pyro.plate(PARTICLE_PLATE, size, dim=dim):
-            return fn(*args, **kwargs)
-
-    return vectorized
 
 
 def _plate_nesting(*traces: Trace) -> int:
@@ -201,11 +192,11 @@ def importance_log_likelihood(
         done = 0
         while done < num_samples:
             size = min(chunk_size, num_samples - done)
-            guide_trace = poutine.trace(_with_particle_plate(guide, size, dim)).get_trace(
+            guide_trace = poutine.trace(_particle_plate(guide, size, dim)).get_trace(
                 *args, **kwargs
             )
             model_trace = poutine.trace(
-                poutine.replay(_with_particle_plate(model, size, dim), trace=guide_trace)
+                poutine.replay(_particle_plate(model, size, dim), trace=guide_trace)
             ).get_trace(*args, **kwargs)
             _check_sites(model_trace, guide_trace, "evaluation")
             weights = objectives.log_weights(
@@ -461,7 +452,7 @@ def exact_log_likelihood(
             size = min(chunk_size, total - start)
             index = torch.arange(start, start + size)
             conditioned = poutine.condition(model, data=_configurations(latents, index, nesting))
-            chunk = poutine.trace(_with_particle_plate(conditioned, size, dim)).get_trace(
+            chunk = poutine.trace(_particle_plate(conditioned, size, dim)).get_trace(
                 *args, **kwargs
             )
             new = [s["name"] for s in sample_sites(chunk) if not s["is_observed"]]

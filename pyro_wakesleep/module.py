@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, List, Optional
 
-import pyro
 import torch
-from pyro import poutine
 from torch import nn
 
 from .wake_sleep import WakeSleep
@@ -80,17 +78,14 @@ class WakeSleepModule(nn.Module):
         return self.wake_sleep.differentiable_loss(*args, **kwargs)
 
     def _check_parameters(self, args: tuple, kwargs: dict) -> None:
-        with poutine.trace(param_only=True) as capture:
-            with poutine.block(hide_types=["sample"]), torch.no_grad(), torch.random.fork_rng():
-                guide_trace = poutine.trace(self.wake_sleep.guide).get_trace(*args, **kwargs)
-                poutine.replay(self.wake_sleep.model, trace=guide_trace)(*args, **kwargs)
         own = {id(p) for p in self.parameters()}
-        store = pyro.get_param_store()
         outside = [
             name
-            for name in capture.trace.nodes
-            if id(store.get_param(name).unconstrained()) not in own
+            for trace in self.wake_sleep._probe(args, kwargs)
+            for name, site in trace.nodes.items()
+            if site["type"] == "param" and id(site["value"].unconstrained()) not in own
         ]
+        outside = list(dict.fromkeys(outside))
         if outside:
             raise ValueError(
                 "WakeSleepModule: parameter(s) "

@@ -8,6 +8,7 @@ The objectives themselves are written once, in :mod:`pyro_wakesleep.objectives`;
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from numbers import Number
@@ -379,8 +380,7 @@ class WakeSleep:
 
         :returns: a scalar tensor.
         """
-        validate = dist_util.is_validation_enabled()
-        trim = validate and self._validated and not self.full_validation
+        trim = self._trim_validation()
         with dist_util.validation_enabled(not trim):
             result = self._compute(args, kwargs, wake=True, sleep=True, check_support=trim)
         self._validated = True
@@ -457,15 +457,35 @@ class WakeSleep:
             ) from error
         self._adopt = checkpoint.AdoptLoadedParams(set(params["params"]))
         if args or kwargs:
-            devices = [a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda]
-            with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices):
-                with dist_util.validation_enabled(False), self._adopt:  # inside the block
-                    guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
-                    poutine.replay(self.model, trace=guide_trace)(*args, **kwargs)
+            self._probe(args, kwargs, handler=self._adopt)
             if not self._adopt.pending:
                 self._adopt = None
 
     # ------------------------------------------------------------------ internals
+
+    def _trim_validation(self) -> bool:
+        """Whether this run skips Pyro's per-distribution checks (see ``full_validation``)."""
+        return dist_util.is_validation_enabled() and self._validated and not self.full_validation
+
+    def _probe(
+        self, args: tuple, kwargs: dict, handler: Optional[Messenger] = None
+    ) -> Tuple[Trace, Trace]:
+        """
+        Run the guide, then the model on the guide's sample, outside the step: without
+        gradients or Pyro's validation, hidden from outer handlers (``handler``, if given,
+        sees the run), and leaving the random streams as they were, so that a probe never
+        changes what the training run draws.
+
+        :returns: ``(model_trace, guide_trace)``.
+        """
+        devices = [a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda]
+        with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices):
+            with dist_util.validation_enabled(False), handler or contextlib.nullcontext():
+                guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
+                model_trace = poutine.trace(
+                    poutine.replay(self.model, trace=guide_trace)
+                ).get_trace(*args, **kwargs)
+        return model_trace, guide_trace
 
     def _require_optim(self) -> None:
         if self.optim is None:
@@ -477,28 +497,22 @@ class WakeSleep:
     def _run(
         self, args: tuple, kwargs: dict, *, wake: bool, sleep: bool, update: bool
     ) -> Optional[_Phases]:
-        if self._adopt is not None:
-            with self._adopt:
-                result = self._run_checked(args, kwargs, wake=wake, sleep=sleep, update=update)
-            if not self._adopt.pending:
-                self._adopt = None
-        else:
-            result = self._run_checked(args, kwargs, wake=wake, sleep=sleep, update=update)
-        return result
-
-    def _run_checked(
-        self, args: tuple, kwargs: dict, *, wake: bool, sleep: bool, update: bool
-    ) -> Optional[_Phases]:
+        """:meth:`_run_once` (under the handler that adopts loaded values, after a
+        :meth:`load`); with ``skip_nonfinite``, a non-finite step is skipped (returns None)."""
         try:
-            return self._run_once(args, kwargs, wake=wake, sleep=sleep, update=update)
+            with self._adopt or contextlib.nullcontext():
+                return self._run_once(args, kwargs, wake=wake, sleep=sleep, update=update)
         except NonFiniteLossError as error:
             if not (self.skip_nonfinite and update):
                 raise
             self.num_skipped_steps += 1
             warnings.warn(
-                f"Skipped a step (skip_nonfinite=True). {error}", RuntimeWarning, stacklevel=4
+                f"Skipped a step (skip_nonfinite=True). {error}", RuntimeWarning, stacklevel=3
             )
             return None
+        finally:
+            if self._adopt is not None and not self._adopt.pending:
+                self._adopt = None
 
     def _run_once(
         self, args: tuple, kwargs: dict, *, wake: bool, sleep: bool, update: bool
@@ -511,8 +525,7 @@ class WakeSleep:
         store = pyro.get_param_store()
         known = set(store.keys())
         result = None
-        validate = dist_util.is_validation_enabled()
-        trim = validate and self._validated and not self.full_validation
+        trim = self._trim_validation()
         synced = False
         try:
             if self.distributed and not self._broadcast_done:
@@ -551,7 +564,9 @@ class WakeSleep:
             ):
                 # Typically Pyro's validation refusing NaN data: say what and where.
                 raise NonFiniteLossError(
-                    self._nonfinite_message([], self._nonfinite_sites(args, kwargs), inputs)
+                    self._nonfinite_message(
+                        [], self._retraced_nonfinite_sites(args, kwargs), inputs
+                    )
                 ) from error
             raise
         self._validated = True
@@ -571,15 +586,11 @@ class WakeSleep:
     def _broadcast_parameters(self, args: tuple, kwargs: dict) -> None:
         """Create the parameters (a probe run that leaves the random streams as they were),
         then copy rank 0's values to every process."""
-        devices = [a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda]
-        with poutine.trace(param_only=True) as capture, torch.no_grad():
-            with poutine.block(hide_types=["sample"]), torch.random.fork_rng(devices):
-                with dist_util.validation_enabled(False):
-                    guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
-                    poutine.replay(self.model, trace=guide_trace)(*args, **kwargs)
-        store = pyro.get_param_store()
-        for name in sorted(capture.trace.nodes):
-            torch.distributed.broadcast(store.get_param(name).unconstrained().data, src=0)
+        params: Dict[str, torch.Tensor] = {}
+        for trace in self._probe(args, kwargs):
+            params.update(_params(trace))
+        for name in sorted(params):
+            torch.distributed.broadcast(params[name].data, src=0)
         self._broadcast_done = True
 
     def _all_reduce(self, result: Optional[_Phases], failed: bool) -> Optional[_Phases]:
@@ -623,17 +634,12 @@ class WakeSleep:
         phi = None if result.phi is None else mean[2].to(like)
         return result._replace(wake_theta=wake_theta, phi=phi)
 
-    def _nonfinite_sites(self, args: tuple, kwargs: dict) -> List[str]:
+    def _retraced_nonfinite_sites(self, args: tuple, kwargs: dict) -> List[str]:
         """The sites whose log-density is not finite, found by tracing once more (failure path)."""
         store = pyro.get_param_store()
         known = set(store.keys())
         try:
-            with pyro.validation_enabled(False), torch.no_grad(), poutine.block():
-                guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
-                model_trace = poutine.trace(
-                    poutine.replay(self.model, trace=guide_trace)
-                ).get_trace(*args, **kwargs)
-                return _nonfinite_sites([model_trace, guide_trace])
+            return _nonfinite_sites(list(self._probe(args, kwargs)))
         except Exception:
             return []
         finally:
@@ -676,25 +682,17 @@ class WakeSleep:
         ]
         if not problems:  # the fused sum overflowed, but every entry is finite
             return
-        sites = (
-            _nonfinite_sites(result.traces)
-            if result.traces
-            else self._nonfinite_sites(args, kwargs)
-        )
+        # The traces were let go before the backward pass: trace again to name the sites.
+        sites = self._retraced_nonfinite_sites(args, kwargs)
         raise NonFiniteLossError(
             self._nonfinite_message(problems, sites, _nonfinite_inputs(args, kwargs))
         )
 
     def _plate_nesting(self, args: tuple, kwargs: dict) -> int:
         if self.max_plate_nesting is None:
-            # A probe that leaves the random streams as they were: a run resumed from a
+            # The probe draws nothing from the random streams: a run resumed from a
             # checkpoint (which probes again) draws what the uninterrupted run draws.
-            devices = [a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda]
-            with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices):
-                guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
-                model_trace = poutine.trace(
-                    poutine.replay(self.model, trace=guide_trace)
-                ).get_trace(*args, **kwargs)
+            model_trace, guide_trace = self._probe(args, kwargs)
             dims = [
                 frame.dim
                 for trace in (model_trace, guide_trace)

@@ -38,3 +38,13 @@ class InjectSamples(Messenger):
         queue = self.queues.get(msg["name"])
         if queue and msg["value"] is None and not msg["is_observed"]:
             msg["value"] = queue.pop(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tests on tiny tensors (``pytestmark =
+    pytest.mark.usefixtures("one_thread")``); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,7 +5,6 @@ examples/distributed.py.
 """
 
 import importlib.util
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -76,21 +75,6 @@ def test_ranks_stay_identical_over_many_adam_steps(tmp_path):
 # ---------------------------------------------------------------- a failure on one process
 
 
-def _shut_down():
-    """Meet the other processes, then close the group: a process that tears down its gloo
-    connections while a peer is still using them can abort it."""
-    try:
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _failing_worker(rank, world, port, out):
     import pyro.distributions as pdist
 
@@ -137,13 +121,13 @@ def _failing_worker(rank, world, port, out):
             f"{out}.rank{rank}",
         )
     finally:
-        _shut_down()
+        _example()._shut_down()
 
 
 def test_a_failure_on_one_process_raises_on_every_process(tmp_path):
     out = tmp_path / "result"
     torch.multiprocessing.spawn(
-        _failing_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True
+        _failing_worker, args=(2, _example()._free_port(), str(out)), nprocs=2, join=True
     )
     results = [torch.load(f"{out}.rank{r}") for r in range(2)]
     assert "'x'" in results[1]["raised"]  # the process with the NaN names the site

@@ -26,14 +26,8 @@ from pyro_wakesleep.evaluate import (
 )
 from pyro_wakesleep.models import GaussianMixture, HelmholtzMachine
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# These tensors are tiny: intra-op threads only add overhead (10x on some machines).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def all_binary(dim, dtype=torch.float):

@@ -26,13 +26,8 @@ from pyro_wakesleep.objectives import sample_sites
 N = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# These tensors are tiny: intra-op threads only add overhead (10x on some machines).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(kind):
