@@ -6,12 +6,14 @@ drift hits all alike.
     python benchmarks/throughput.py [--repeats 5] [--steps 50] [--json out.json] [--quick]
                                     [--configs SUBSTRING] [--device cuda] [--no-memory]
 
-Each configuration builds one fresh model per contender from the same seed. A repeat runs
-``--steps`` steps of every contender in turn (after ``--warmup`` steps each); the table shows the
-median steps/s over repeats with the spread (min-max), and the ratios WakeSleep / hand-written
-and WakeSleep / Pyro RWS. The hand-written loop is the floor: the same estimator (classic
-wake-sleep for K = 1; reweighted wake-theta with wake-phi for K = 5) on the same networks, in
-plain PyTorch with one torch.optim.Adam.
+The contenders: ``wakesleep`` (eager), ``wakesleep_jit`` (``WakeSleep(jit=True)``: the step
+recorded once and replayed), ``handwritten``, ``pyro_rws`` (K > 1) and SVI with Trace_ELBO and
+TraceGraph_ELBO. Each configuration builds one fresh model per contender from the same seed. A
+repeat runs ``--steps`` steps of every contender in turn (after ``--warmup`` steps each); the
+table shows the median steps/s over repeats with the spread (min-max), and the ratios
+WakeSleep / hand-written and WakeSleep / Pyro RWS. The hand-written loop is the floor: the same
+estimator (classic wake-sleep for K = 1; reweighted wake-theta with wake-phi for K = 5) on the
+same networks, in plain PyTorch with one torch.optim.Adam.
 
 Peak memory is the working memory of a step: after the timed repeats, each contender runs
 ``--memory-steps`` more steps while the peak of allocated bytes above the level before them is
@@ -154,19 +156,21 @@ def contenders(
         runs[name] = build(nets[name])
 
     phi = "sleep" if K == 1 else "wake"
-    make(
-        "wakesleep",
-        lambda n: (
-            WakeSleep(
-                n.model,
-                n.guide,
-                pyro.optim.Adam({"lr": lr}),
-                num_particles=K,
-                phi_objective=phi,
-                max_plate_nesting=1,
-            ).step
-        ),
-    )
+    for name, jit in (("wakesleep", False), ("wakesleep_jit", True)):
+        make(
+            name,
+            lambda n, jit=jit: (
+                WakeSleep(
+                    n.model,
+                    n.guide,
+                    pyro.optim.Adam({"lr": lr}),
+                    num_particles=K,
+                    phi_objective=phi,
+                    max_plate_nesting=1,
+                    jit=jit,
+                ).step
+            ),
+        )
     if config["model"] == "helmholtz":
         make("handwritten", lambda n: handwritten(n, K, lr))
     elif K == 1:
@@ -347,13 +351,14 @@ def main() -> None:
                 n: peak_memory(step, x, args.memory_steps) / 2**20 for n, step in runs.items()
             }
         med = {n: v["median"] for n, v in row["steps_per_second"].items()}
-        if "handwritten" in med:
-            row["wakesleep_over_handwritten"] = med["wakesleep"] / med["handwritten"]
-            if "peak_memory_mb" in row:
-                mem = row["peak_memory_mb"]
-                row["memory_wakesleep_over_handwritten"] = mem["wakesleep"] / mem["handwritten"]
-        if "pyro_rws" in med:
-            row["wakesleep_over_pyro_rws"] = med["wakesleep"] / med["pyro_rws"]
+        mem = row.get("peak_memory_mb")
+        for ours in ("wakesleep", "wakesleep_jit"):
+            if "handwritten" in med:
+                row[f"{ours}_over_handwritten"] = med[ours] / med["handwritten"]
+                if mem is not None:
+                    row[f"memory_{ours}_over_handwritten"] = mem[ours] / mem["handwritten"]
+            if "pyro_rws" in med:
+                row[f"{ours}_over_pyro_rws"] = med[ours] / med["pyro_rws"]
         results.append(row)
         print(f"\n{config['name']}")
         for n, v in row["steps_per_second"].items():
@@ -361,13 +366,9 @@ def main() -> None:
                 f"   peak {row['peak_memory_mb'][n]:6.2f} MB" if "peak_memory_mb" in row else ""
             )
             print(f"  {n:22s} {v['median']:8.1f} steps/s  ({v['min']:.1f}-{v['max']:.1f}){memory}")
-        for key in (
-            "wakesleep_over_handwritten",
-            "wakesleep_over_pyro_rws",
-            "memory_wakesleep_over_handwritten",
-        ):
-            if key in row:
-                print(f"  {key:34s} {row[key]:.2f}")
+        for key, value in row.items():
+            if key.startswith(("wakesleep", "memory_")):
+                print(f"  {key:38s} {value:.2f}")
     meta = {
         "torch": torch.__version__,
         "pyro": pyro.__version__,

@@ -78,10 +78,11 @@ def site_log_prob(site: dict, scaled: bool = True) -> torch.Tensor:
 
 def trace_log_prob_sum(trace: Trace) -> torch.Tensor:
     """The scaled log-density of a whole trace, summed to a scalar."""
-    total = 0.0
+    total = None
     for site in sample_sites(trace):
-        total = total + site_log_prob(site).sum()
-    return torch.as_tensor(total)
+        term = site_log_prob(site).sum()
+        total = term if total is None else total + term
+    return torch.tensor(0.0) if total is None else total
 
 
 def local_plates(traces: Iterable[Trace]) -> dict:

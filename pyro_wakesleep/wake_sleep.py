@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+from collections import OrderedDict
 from numbers import Number
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
@@ -21,8 +22,9 @@ from pyro.distributions import util as dist_util
 from pyro.optim import PyroOptim
 from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import am_i_wrapped
 
-from . import checkpoint, objectives
+from . import checkpoint, jit, objectives
 from .fantasies import FantasyArgsFn, draw_fantasy, guide_arguments, takes_observations
 from .objectives import PARTICLE_PLATE, sample_sites
 
@@ -106,30 +108,41 @@ def _check_sites(model_trace: Trace, guide_trace: Trace, phase: str) -> None:
             )
 
 
-def _check_observed_support(model_trace: Trace) -> None:
+def _observed_support(model_trace: Trace) -> List[Tuple[str, str, torch.Tensor]]:
     """
-    Raise if an observed value lies outside its distribution's support (masked entries
-    excepted). This is the one check of Pyro's distribution validation that a wake-sleep step
-    cannot replace by its finiteness check: a Bernoulli observed at 2 has a finite log-density.
+    Whether each observed value lies in its distribution's support (masked entries excepted),
+    as ``(site name, description, scalar bool tensor)``; :func:`_check_support` reads them.
+    This is the one check of Pyro's distribution validation that a wake-sleep step cannot
+    replace by its finiteness check: a Bernoulli observed at 2 has a finite log-density.
     """
+    found = []
     for site in sample_sites(model_trace):
         if not site["is_observed"]:
             continue
-        fn, value = site["fn"], site["value"]
+        fn, value, mask = site["fn"], site["value"], site["mask"]
+        if mask is False:
+            continue
         with torch.no_grad():
             ok = fn.support.check(value)
-            mask = site["mask"]
             if isinstance(mask, torch.Tensor):
                 ok = ok | ~mask
-            elif mask is False:
-                continue
-            if bool(ok.all()):
-                continue
-        raise ValueError(
-            f"The observed value of site '{site['name']}' lies outside the support "
-            f"({fn.support}) of its distribution {type(fn).__name__}. Check the data passed "
-            f"as obs= at '{site['name']}' (for example binary data for a Bernoulli)."
-        )
+            found.append(
+                (site["name"], f"({fn.support}) of its distribution {type(fn).__name__}", ok.all())
+            )
+    return found
+
+
+def _check_support(support: List[Tuple[str, str, torch.Tensor]]) -> None:
+    """Raise, naming the site, if an observed value of :func:`_observed_support` is outside."""
+    if not support or bool(torch.stack([ok for _, _, ok in support]).all()):
+        return
+    for name, description, ok in support:
+        if not bool(ok):
+            raise ValueError(
+                f"The observed value of site '{name}' lies outside the support {description}. "
+                f"Check the data passed as obs= at '{name}' (for example binary data for a "
+                "Bernoulli)."
+            )
 
 
 def _nonfinite_sites(traces: List[Trace]) -> List[str]:
@@ -156,6 +169,11 @@ def _nonfinite_inputs(args: tuple, kwargs: dict) -> List[str]:
     ]
 
 
+def _weighted(weight: float, loss: torch.Tensor) -> torch.Tensor:
+    """``weight * loss``, without an operation when the weight is 1."""
+    return loss if weight == 1 else weight * loss
+
+
 def _item(loss: Optional[torch.Tensor]) -> float:
     return float("nan") if loss is None else loss.detach().item()
 
@@ -166,6 +184,28 @@ class _Phases(NamedTuple):
     theta: Dict[str, torch.Tensor]
     phi_params: Dict[str, torch.Tensor]
     traces: List[Trace]
+    support: List[Tuple[str, str, torch.Tensor]]
+
+
+class _Recorded(NamedTuple):
+    """What a recorded step's outputs are: the losses present, the parameters each objective
+    touched (fixed for a recording), and the support checks that follow the losses."""
+
+    has_wake_theta: bool
+    has_phi: bool
+    theta: Dict[str, torch.Tensor]
+    phi_params: Dict[str, torch.Tensor]
+    support: List[Tuple[str, str]]
+
+    def params(self) -> List[Tuple[str, torch.Tensor]]:
+        return list(self.theta.items()) + list(self.phi_params.items())
+
+    def phases(self, outputs: Tuple[torch.Tensor, ...]) -> _Phases:
+        it = iter(outputs)
+        wake_theta = next(it) if self.has_wake_theta else None
+        phi = next(it) if self.has_phi else None
+        support = [(name, description, next(it)) for name, description in self.support]
+        return _Phases(wake_theta, phi, self.theta, self.phi_params, [], support)
 
 
 class WakeSleep:
@@ -235,6 +275,19 @@ class WakeSleep:
         the samples the model and guide drew themselves (which lie in their support by
         construction). That saves 5-10% of a step. ``pyro.enable_validation(False)`` turns
         every check off, as for SVI.
+    :param bool jit: record the tensor operations of a step once per signature of the
+        arguments (shapes, dtypes, devices; other arguments by value) and replay them on later
+        steps, without running the Pyro programs (see :mod:`pyro_wakesleep.jit`). The replay
+        computes what the eager step computes, bitwise, and saves the fixed cost of Pyro's
+        machinery (about 2 ms a step). The first step, and any step with ``full_validation``,
+        under an outer effect handler or without gradients (:meth:`evaluate_loss`), runs
+        eagerly. Only for models and guides of static structure, as for Pyro's JIT ELBOs: a
+        program that reads a sampled value into Python (stochastic control flow) cannot be
+        recorded, and then runs eagerly with a warning; a program that changes with Python
+        state outside its arguments (a global flag, ``random``, ``module.train()`` /
+        ``eval()``) must not use it. A recording holds the parameter tensors it saw; when the
+        parameter store holds other tensors (after :meth:`load`, or a rebuilt model) the step
+        is recorded again.
 
     A step computes both phases from the current parameters, checks that every loss and
     gradient is finite, and only then updates :math:`\theta` and :math:`\phi`: a step that
@@ -245,6 +298,10 @@ class WakeSleep:
     References: Hinton, Dayan, Frey & Neal, *Science* 1995; Bornschein & Bengio, *ICLR* 2015;
     Le, Kosiorek, Siddharth, Teh & Wood, *UAI* 2019.
     """
+
+    #: The number of argument signatures whose recordings ``jit=True`` keeps (least recently
+    #: used first out).
+    max_recordings = 8
 
     def __init__(
         self,
@@ -262,6 +319,7 @@ class WakeSleep:
         skip_nonfinite: bool = False,
         distributed: bool = False,
         full_validation: bool = False,
+        jit: bool = False,
     ) -> None:
         for name, opt in (("optim", optim), ("guide_optim", guide_optim)):
             if opt is not None and not isinstance(opt, PyroOptim):
@@ -300,6 +358,9 @@ class WakeSleep:
         self.full_validation = bool(full_validation)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.distributed = bool(distributed)
+        self.jit = bool(jit)
+        self._jit_off: Optional[str] = None
+        self._recordings: OrderedDict = OrderedDict()
         if self.distributed and not torch.distributed.is_initialized():
             raise RuntimeError(
                 "WakeSleep(distributed=True) needs torch.distributed's default process group: "
@@ -380,9 +441,7 @@ class WakeSleep:
 
         :returns: a scalar tensor.
         """
-        trim = self._trim_validation()
-        with dist_util.validation_enabled(not trim):
-            result = self._compute(args, kwargs, wake=True, sleep=True, check_support=trim)
+        result = self._phases(args, kwargs, wake=True, sleep=True, trim=self._trim_validation())
         self._validated = True
         return sum(x for x in (result.wake_theta, result.phi) if x is not None)
 
@@ -456,12 +515,111 @@ class WakeSleep:
                 f"({type(error).__name__}: {error})"
             ) from error
         self._adopt = checkpoint.AdoptLoadedParams(set(params["params"]))
+        self._recordings.clear()
         if args or kwargs:
             self._probe(args, kwargs, handler=self._adopt)
             if not self._adopt.pending:
                 self._adopt = None
 
     # ------------------------------------------------------------------ internals
+
+    def _phases(self, args: tuple, kwargs: dict, *, wake: bool, sleep: bool, trim: bool) -> _Phases:
+        """
+        The losses of the requested phases: replayed from a recording where ``jit`` allows,
+        computed eagerly otherwise; the observed values' support is checked either way.
+        """
+        result, failure = None, None
+        if self._jit_usable(trim):
+            result, failure = self._jit_phases(args, kwargs, wake=wake, sleep=sleep, trim=trim)
+        if result is None:
+            with dist_util.validation_enabled(not trim):
+                result = self._compute(args, kwargs, wake=wake, sleep=sleep, check_support=trim)
+            if failure is not None:
+                # The step could be run but not recorded: run eagerly from now on.
+                self._jit_disable(failure)
+        _check_support(result.support)
+        return result
+
+    def _jit_usable(self, trim: bool) -> bool:
+        """Replay only what an eager step after the first would compute: no full validation
+        (it reads tensor values), gradients on, no outer effect handler, nothing pending."""
+        return (
+            self.jit
+            and self._jit_off is None
+            and self._validated
+            and self._adopt is None
+            and (trim or not dist_util.is_validation_enabled())
+            and torch.is_grad_enabled()
+            and not am_i_wrapped()
+            and not (self.distributed and not self._broadcast_done)
+        )
+
+    def _jit_disable(self, reason: str) -> None:
+        self._jit_off = reason
+        self._recordings.clear()
+        warnings.warn(
+            f"WakeSleep(jit=True) runs eagerly from now on: {reason}. Models whose structure "
+            "depends on sampled values (stochastic control flow) cannot be recorded; "
+            "jit=False avoids this warning.",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+
+    def _jit_phases(
+        self, args: tuple, kwargs: dict, *, wake: bool, sleep: bool, trim: bool
+    ) -> Tuple[Optional[_Phases], Optional[str]]:
+        """
+        Replay the recording for these arguments' signature, or record one (the recording run
+        is this step's run). Returns ``(phases, None)``, or ``(None, reason)`` when the step
+        cannot be recorded; the random streams and the parameter store are then as before.
+        """
+        sig = jit.signature(args, kwargs)
+        if sig is None:
+            return None, "an argument is neither a tensor nor hashable"
+        key = (sig.key, wake, sleep, trim)
+        store = pyro.get_param_store()
+        recording = self._recordings.get(key)
+        if recording is not None:
+            graph, static = recording
+            if all(store._params.get(name) is t for name, t in static.params()):
+                self._recordings.move_to_end(key)
+                with torch.enable_grad():
+                    return static.phases(graph(*sig.tensors)), None
+            # The parameter store holds other tensors now (a load, a rebuilt model).
+            del self._recordings[key]
+
+        def step(*tensors: torch.Tensor) -> Tuple[Tuple[torch.Tensor, ...], _Recorded]:
+            a, k = sig.rebuild(tensors)
+            with dist_util.validation_enabled(not trim):
+                r = self._compute(a, k, wake=wake, sleep=sleep, check_support=trim)
+            losses = tuple(x for x in (r.wake_theta, r.phi) if x is not None)
+            static = _Recorded(
+                r.wake_theta is not None,
+                r.phi is not None,
+                r.theta,
+                r.phi_params,
+                [(name, description) for name, description, _ in r.support],
+            )
+            return losses + tuple(ok for _, _, ok in r.support), static
+
+        known = set(store.keys())
+        devices = [t.device for t in sig.tensors if t.is_cuda]
+        cpu_state = torch.get_rng_state()
+        cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+        try:
+            outputs, static, graph = jit.record(step, sig.tensors)
+        except Exception as error:
+            torch.set_rng_state(cpu_state)
+            for d, state in zip(devices, cuda_states):
+                torch.cuda.set_rng_state(state, d)
+            for name in set(store.keys()) - known:
+                del store[name]
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            return None, f"the step could not be recorded ({type(error).__name__}: {first})"
+        self._recordings[key] = (graph, static)
+        while len(self._recordings) > self.max_recordings:
+            self._recordings.popitem(last=False)
+        return static.phases(outputs), None
 
     def _trim_validation(self) -> bool:
         """Whether this run skips Pyro's per-distribution checks (see ``full_validation``)."""
@@ -530,8 +688,7 @@ class WakeSleep:
         try:
             if self.distributed and not self._broadcast_done:
                 self._broadcast_parameters(args, kwargs)
-            with dist_util.validation_enabled(not trim):
-                result = self._compute(args, kwargs, wake=wake, sleep=sleep, check_support=trim)
+            result = self._phases(args, kwargs, wake=wake, sleep=sleep, trim=trim)
             if update:
                 # Let the traces (their distributions, cached probabilities, fantasies) go
                 # before the backward pass: that lowers the step's peak memory. The rare
@@ -706,7 +863,7 @@ class WakeSleep:
 
     def _wake_traces(
         self, args: tuple, kwargs: dict, grad_phi: bool, check_support: bool = False
-    ) -> Tuple[List[Trace], List[Trace], bool]:
+    ) -> Tuple[List[Trace], List[Trace], bool, list]:
         guide, model = self.guide, self.model
         K = self.num_particles
         vectorized = self.vectorize_particles and K > 1
@@ -717,7 +874,7 @@ class WakeSleep:
         if grad_phi:
             # Outside the particle plate, so that each sample is drawn after broadcasting.
             guide = _DetachSamples()(guide)
-        guide_traces, model_traces = [], []
+        guide_traces, model_traces, support = [], [], []
         for _ in range(1 if vectorized else K):
             with torch.set_grad_enabled(grad_phi and torch.is_grad_enabled()):
                 guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -726,10 +883,10 @@ class WakeSleep:
             )
             _check_sites(model_trace, guide_trace, "wake")
             if check_support:
-                _check_observed_support(model_trace)
+                support += _observed_support(model_trace)
             guide_traces.append(guide_trace)
             model_traces.append(model_trace)
-        return model_traces, guide_traces, vectorized
+        return model_traces, guide_traces, vectorized, support
 
     def _sleep_loss(self, args: tuple, kwargs: dict) -> Tuple[torch.Tensor, List[Trace]]:
         S = self.num_sleep_particles
@@ -739,7 +896,7 @@ class WakeSleep:
             dim = -self._plate_nesting(args, kwargs) - 1
             model = _particle_plate(model, S, dim)
             guide = _particle_plate(guide, S, dim)
-        log_q = 0.0
+        log_q: Any = None
         traces = []
         for _ in range(1 if vectorized else S):
             model_trace = draw_fantasy(model, *args, **kwargs)
@@ -754,16 +911,18 @@ class WakeSleep:
                 *guide_args, **guide_kwargs
             )
             _check_sites(model_trace, guide_trace, "sleep")
-            log_q = log_q + objectives.trace_log_prob_sum(guide_trace)
+            term = objectives.trace_log_prob_sum(guide_trace)
+            log_q = term if log_q is None else log_q + term
             traces += [model_trace, guide_trace]
-        return -log_q / S, traces
+        return (-log_q if S == 1 else -log_q / S), traces
 
     def _compute(
         self, args: tuple, kwargs: dict, *, wake: bool, sleep: bool, check_support: bool = False
     ) -> _Phases:
         """
-        Build the losses of the requested phases (no update). ``check_support``: check the
-        observed values' support explicitly (Pyro's distribution validation is off).
+        Build the losses of the requested phases (no update). ``check_support``: collect the
+        observed values' support checks (Pyro's distribution validation is off) for
+        :func:`_check_support`; nothing here reads a tensor's value.
         """
         a = self.insomnia
         need_wake_traces = wake or (sleep and a > 0)
@@ -771,23 +930,24 @@ class WakeSleep:
         theta: Dict[str, torch.Tensor] = {}
         phi_params: Dict[str, torch.Tensor] = {}
         traces: List[Trace] = []
+        support: list = []
         if need_wake_traces:
             grad_phi = sleep and a > 0
-            model_traces, guide_traces, vectorized = self._wake_traces(
+            model_traces, guide_traces, vectorized, support = self._wake_traces(
                 args, kwargs, grad_phi, check_support
             )
             traces += model_traces + guide_traces
             if self.num_particles == 1:
                 wake_theta = objectives.classic_wake_theta_loss(model_traces[0])
                 if grad_phi:
-                    phi = a * objectives.classic_wake_phi_loss(guide_traces[0])
+                    phi = _weighted(a, objectives.classic_wake_phi_loss(guide_traces[0]))
             else:
                 weights = objectives.log_weights(
                     model_traces, guide_traces, self.max_plate_nesting, vectorized
                 )
                 wake_theta = objectives.wake_theta_loss(weights)
                 if grad_phi:
-                    phi = a * objectives.wake_phi_loss(weights)
+                    phi = _weighted(a, objectives.wake_phi_loss(weights))
             for t in model_traces:
                 theta.update(_params(t))
             for t in guide_traces:
@@ -801,7 +961,8 @@ class WakeSleep:
                 theta.update(_params(t))
             for t in sleep_traces[1::2]:
                 phi_params.update(_params(t))
-            phi = (1 - a) * sleep_phi if phi is None else phi + (1 - a) * sleep_phi
+            sleep_phi = _weighted(1 - a, sleep_phi)
+            phi = sleep_phi if phi is None else phi + sleep_phi
         shared = sorted(set(theta) & set(phi_params))
         if shared:
             raise ValueError(
@@ -814,4 +975,4 @@ class WakeSleep:
             theta = {}
         if not sleep:
             phi_params = {}
-        return _Phases(wake_theta, phi, theta, phi_params, traces)
+        return _Phases(wake_theta, phi, theta, phi_params, traces, support)

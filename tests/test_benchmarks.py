@@ -24,13 +24,15 @@ def test_throughput_quick_writes_rates_ratios_and_memory(tmp_path):
     (row,) = report["results"]
     assert set(row["steps_per_second"]) == {
         "wakesleep",
+        "wakesleep_jit",
         "handwritten",
         "pyro_rws",
         "svi_trace_elbo",
         "svi_tracegraph_elbo",
     }
-    for key in ("wakesleep_over_handwritten", "wakesleep_over_pyro_rws"):
-        assert row[key] > 0
+    for ours in ("wakesleep", "wakesleep_jit"):
+        for key in (f"{ours}_over_handwritten", f"{ours}_over_pyro_rws"):
+            assert row[key] > 0
     assert all(mb > 0 for mb in row["peak_memory_mb"].values())
 
 

@@ -1,0 +1,119 @@
+"""
+Recorded steps: the tensor operations of a step, recorded once per argument signature and
+replayed on later calls without running the Pyro programs again (``WakeSleep(jit=True)``).
+
+A wake-sleep step runs four Pyro programs (guide and model in the wake phase, model and guide
+in the sleep phase); their Python machinery (effect handlers, trace objects, distribution
+objects) costs a fixed amount per step, whatever the size of the networks. For a model whose
+structure does not depend on sampled values, the sequence of tensor operations of a step is
+the same every time: only the values differ. :func:`record` runs the step once under
+:func:`torch.fx.experimental.proxy_tensor.make_fx` (pre-dispatch, on the real tensors), which
+returns the step's real results *and* a :class:`torch.fx.GraphModule` of the operations,
+including the random draws and the switches of gradient mode; calling the graph then performs
+exactly those operations on new inputs. Parameters enter the graph by reference (the very
+tensors of Pyro's parameter store), so optimizer updates are seen; autograd records the
+replayed operations as it records eager ones. The replay draws the same random numbers and
+computes the same values as the eager step, bitwise.
+
+The condition is the one of Pyro's JIT ELBOs: static structure. ``make_fx`` refuses a program
+that reads a tensor's value into Python (``if z.sum() > 0``, ``.item()``, ``bool(t)``): that
+is how stochastic control flow shows itself, and :class:`~pyro_wakesleep.WakeSleep` then runs
+eagerly. What cannot be seen is Python state that changes between calls without going
+through a tensor (a global flag, ``random.random()`` in the model, a module switched between
+``train()`` and ``eval()``): such models must not use ``jit=True``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable, List, NamedTuple, Optional, Tuple
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils import _pytree as pytree
+
+
+class Signature(NamedTuple):
+    """The tensors of a call's arguments, how to put the arguments back together, and a key
+    that is equal for two calls exactly when one recording serves both."""
+
+    tensors: List[torch.Tensor]
+    rebuild: Callable[[tuple], Tuple[tuple, dict]]
+    key: Hashable
+
+
+def signature(args: tuple, kwargs: dict) -> Optional[Signature]:
+    """
+    The :class:`Signature` of a call: tensors are keyed by shape, dtype, device, layout and
+    ``requires_grad``; every other argument by its value. ``None`` if an argument that is not
+    a tensor is unhashable (it cannot be told apart from a changed one).
+    """
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    tensors: List[torch.Tensor] = []
+    parts: List[Hashable] = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            tensors.append(leaf)
+            parts.append(
+                (
+                    "tensor",
+                    tuple(leaf.shape),
+                    leaf.dtype,
+                    leaf.device,
+                    leaf.layout,
+                    leaf.requires_grad,
+                )
+            )
+        else:
+            try:
+                hash(leaf)
+            except TypeError:
+                return None
+            parts.append((type(leaf), leaf))
+
+    def rebuild(new: tuple) -> Tuple[tuple, dict]:
+        it = iter(new)
+        out = [next(it) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        return pytree.tree_unflatten(out, spec)
+
+    return Signature(tensors, rebuild, (spec, tuple(parts)))
+
+
+def _keeps(node: Node) -> bool:
+    """Dead-code elimination keeps side effects and every random draw (so that the replay
+    consumes the random streams as the eager step does)."""
+    target = node.target
+    if (
+        isinstance(target, torch._ops.OpOverload)
+        and torch.Tag.nondeterministic_seeded in target.tags
+    ):
+        return True
+    return node.is_impure()
+
+
+def record(
+    fn: Callable[..., Tuple[Tuple[torch.Tensor, ...], Any]], tensors: List[torch.Tensor]
+) -> Tuple[Tuple[torch.Tensor, ...], Any, GraphModule]:
+    """
+    Run ``fn(*tensors)`` once, for real, while recording its tensor operations.
+
+    :param fn: returns ``(outputs, static)``: a tuple of tensors and any Python object
+        describing them (it is computed at recording time only).
+    :param tensors: the inputs.
+    :returns: ``(outputs, static, graph)``: the real outputs of this run (with their autograd
+        history), the static description, and the graph, whose call on new inputs returns
+        the outputs of a new run.
+    :raises RuntimeError: when the program reads a tensor value into Python (``make_fx``'s
+        data-dependent error), or cannot be recorded for another reason.
+    """
+    held: dict = {}
+
+    def traced(*inputs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        outputs, static = fn(*inputs)
+        held["outputs"], held["static"] = outputs, static
+        return outputs
+
+    graph = make_fx(traced, pre_dispatch=True)(*tensors)
+    graph.graph.eliminate_dead_code(is_impure_node=_keeps)
+    graph.recompile()
+    return held["outputs"], held["static"], graph
