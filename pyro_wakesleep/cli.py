@@ -252,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    train.add_argument(
+        "--jit",
+        action="store_true",
+        help="record each step once and replay it (WakeSleep(jit=True)): the same results, "
+        "less time per step",
+    )
     train.add_argument("--output", type=Path, default=Path("runs/latest"), metavar="FOLDER")
     train.add_argument(
         "--eval-every",
@@ -492,6 +498,7 @@ def _wake_sleep(net: torch.nn.Module, config: Dict[str, Any]) -> WakeSleep:
         num_sleep_particles=config["num_sleep_particles"],
         phi_objective=config["phi_objective"],
         max_plate_nesting=1,
+        jit=bool(config.get("jit", False)),
     )
 
 

@@ -73,6 +73,19 @@ def test_resume_continues_bitwise_like_an_uninterrupted_run(tmp_path):
     assert [r["wake_theta"] for r in rows(straight)] == [r["wake_theta"] for r in rows(resumed)]
 
 
+def test_jit_trains_bitwise_like_the_eager_run(tmp_path):
+    eager, replayed = tmp_path / "eager", tmp_path / "jit"
+    assert main(["train", "--output", str(eager), *TINY]) == 0
+    assert main(["train", "--output", str(replayed), "--jit", *TINY]) == 0
+    a, b = net_state(eager), net_state(replayed)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    untimed = [
+        [{k: v for k, v in r.items() if k != "seconds"} for r in rows(f)] for f in (eager, replayed)
+    ]
+    assert untimed[0] == untimed[1]
+
+
 def test_evaluate_command(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--output", str(out), *TINY]) == 0
