@@ -45,7 +45,8 @@ class Signature(NamedTuple):
 def signature(args: tuple, kwargs: dict) -> Optional[Signature]:
     """
     The :class:`Signature` of a call: tensors are keyed by shape, dtype, device, layout and
-    ``requires_grad``; every other argument by its value. ``None`` if an argument that is not
+    ``requires_grad``; every other argument by its value; so are torch's default dtype and
+    autocast states. ``None`` if an argument that is not
     a tensor is unhashable (it cannot be told apart from a changed one).
     """
     leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -76,7 +77,13 @@ def signature(args: tuple, kwargs: dict) -> Optional[Signature]:
         out = [next(it) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         return pytree.tree_unflatten(out, spec)
 
-    return Signature(tensors, rebuild, (spec, tuple(parts)))
+    # Global settings that change the recorded operations.
+    settings = (
+        torch.get_default_dtype(),
+        torch.is_autocast_enabled("cpu"),
+        torch.is_autocast_enabled("cuda"),
+    )
+    return Signature(tensors, rebuild, (spec, tuple(parts), settings))
 
 
 def _keeps(node: Node) -> bool:
@@ -89,6 +96,28 @@ def _keeps(node: Node) -> bool:
     ):
         return True
     return node.is_impure()
+
+
+def _shape_depends_on_values(node: Node) -> bool:
+    """Whether an operation's output shape depends on tensor values (``nonzero``, boolean
+    indexing, ...): a replay would reuse the recorded shapes downstream."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    if torch.Tag.dynamic_output_shape not in target.tags:
+        return False
+    aten = torch.ops.aten
+    if target.overloadpacket in (aten.index_put, aten.index_put_):
+        return False  # the output has the input's shape
+    if target.overloadpacket is aten.index:
+        indices = node.args[1] if len(node.args) > 1 else []
+        return any(
+            isinstance(i, Node)
+            and isinstance(i.meta.get("val"), torch.Tensor)
+            and i.meta["val"].dtype in (torch.bool, torch.uint8)
+            for i in indices
+        )
+    return True
 
 
 def record(
@@ -104,7 +133,8 @@ def record(
         history), the static description, and the graph, whose call on new inputs returns
         the outputs of a new run.
     :raises RuntimeError: when the program reads a tensor value into Python (``make_fx``'s
-        data-dependent error), or cannot be recorded for another reason.
+        data-dependent error), has an operation whose output shape depends on tensor values,
+        or cannot be recorded for another reason.
     """
     held: dict = {}
 
@@ -114,6 +144,12 @@ def record(
         return outputs
 
     graph = make_fx(traced, pre_dispatch=True)(*tensors)
+    for node in graph.graph.nodes:
+        if _shape_depends_on_values(node):
+            raise RuntimeError(
+                f"the output shape of {node.target} depends on tensor values, which a replay "
+                "cannot follow"
+            )
     graph.graph.eliminate_dead_code(is_impure_node=_keeps)
     graph.recompile()
     return held["outputs"], held["static"], graph

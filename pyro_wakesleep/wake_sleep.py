@@ -169,6 +169,24 @@ def _nonfinite_inputs(args: tuple, kwargs: dict) -> List[str]:
     ]
 
 
+def _rng_state(tensors: List[torch.Tensor]) -> tuple:
+    """torch's random state on the CPU and on the CUDA devices of ``tensors``."""
+    devices = list(dict.fromkeys(t.device for t in tensors if t.is_cuda))
+    return torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in devices]
+
+
+def _set_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    for device, value in cuda:
+        torch.cuda.set_rng_state(value, device)
+
+
+def _brief(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
 def _weighted(weight: float, loss: torch.Tensor) -> torch.Tensor:
     """``weight * loss``, without an operation when the weight is 1."""
     return loss if weight == 1 else weight * loss
@@ -583,8 +601,15 @@ class WakeSleep:
             graph, static = recording
             if all(store._params.get(name) is t for name, t in static.params()):
                 self._recordings.move_to_end(key)
-                with torch.enable_grad():
-                    return static.phases(graph(*sig.tensors)), None
+                rng = _rng_state(sig.tensors)
+                try:
+                    with torch.enable_grad():
+                        return static.phases(graph(*sig.tensors)), None
+                except Exception as error:
+                    # New values the recording cannot follow; the eager step decides.
+                    _set_rng_state(rng)
+                    del self._recordings[key]
+                    return None, f"a recorded step failed on new arguments ({_brief(error)})"
             # The parameter store holds other tensors now (a load, a rebuilt model).
             del self._recordings[key]
 
@@ -603,19 +628,14 @@ class WakeSleep:
             return losses + tuple(ok for _, _, ok in r.support), static
 
         known = set(store.keys())
-        devices = [t.device for t in sig.tensors if t.is_cuda]
-        cpu_state = torch.get_rng_state()
-        cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+        rng = _rng_state(sig.tensors)
         try:
             outputs, static, graph = jit.record(step, sig.tensors)
         except Exception as error:
-            torch.set_rng_state(cpu_state)
-            for d, state in zip(devices, cuda_states):
-                torch.cuda.set_rng_state(state, d)
+            _set_rng_state(rng)
             for name in set(store.keys()) - known:
                 del store[name]
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            return None, f"the step could not be recorded ({type(error).__name__}: {first})"
+            return None, f"the step could not be recorded ({_brief(error)})"
         self._recordings[key] = (graph, static)
         while len(self._recordings) > self.max_recordings:
             self._recordings.popitem(last=False)

@@ -361,3 +361,113 @@ def test_a_parameter_replaced_in_the_store_is_seen(recorded):
     assert replayed == eager
     assert_store_equal(eager_params, jit_params)
     assert recorded == [2]
+
+
+def _masking_model(x):
+    loc = pyro.param("loc", torch.tensor(0.0))
+    with pyro.plate("data", x.shape[0], dim=-1):
+        z = pyro.sample("z", dist.Normal(loc, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+    # A term over the positive latents only: its shape depends on the sampled values.
+    pyro.factor("positive", -0.1 * (z[z > 0] ** 2).sum())
+
+
+def _masking_guide(x):
+    w = pyro.param("w", torch.tensor(0.5))
+    with pyro.plate("data", x.shape[0], dim=-1):
+        pyro.sample("z", dist.Normal(w * x, 1.0))
+
+
+def test_value_dependent_shapes_run_eagerly_with_a_warning():
+    x = torch.randn(12)
+
+    def run(use_jit):
+        pyro.clear_param_store()
+        ws = WakeSleep(
+            _masking_model,
+            _masking_guide,
+            pyro.optim.Adam({"lr": 0.1}),
+            phi_objective="wake",
+            jit=use_jit,
+        )
+        torch.manual_seed(6)
+        return [tuple(ws.step(x)) for _ in range(5)], store_snapshot(), ws
+
+    eager, eager_params, _ = run(False)
+    with pytest.warns(RuntimeWarning, match="depends on tensor values"):
+        replayed, jit_params, ws = run(True)
+    assert replayed == eager
+    assert_store_equal(eager_params, jit_params)
+    assert ws._jit_off is not None
+
+
+def test_a_replay_that_fails_falls_back_to_the_eager_step():
+    def run(use_jit, sabotage=False):
+        model, guide, options = _build("helmholtz-rws")
+        ws = WakeSleep(model, guide, pyro.optim.Adam({"lr": 0.05}), jit=use_jit, **options)
+        x = _binary(10)
+        torch.manual_seed(8)
+        out = [tuple(ws.step(x)) for _ in range(3)]
+        if sabotage:
+            ((key, (graph, static)),) = ws._recordings.items()
+
+            def failing(*tensors):
+                torch.rand(100)  # draws, then fails: the fallback must restore the stream
+                raise RuntimeError("shape mismatch")
+
+            ws._recordings[key] = (failing, static)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out += [tuple(ws.step(x)) for _ in range(3)]
+        return out, store_snapshot(), ws, caught
+
+    eager, eager_params, _, _ = run(False)
+    replayed, jit_params, ws, caught = run(True, sabotage=True)
+    assert replayed == eager
+    assert_store_equal(eager_params, jit_params)
+    assert ws._jit_off is not None and "failed on new arguments" in ws._jit_off
+    assert [str(w.message) for w in caught if "runs eagerly" in str(w.message)]
+
+
+def _subsampled_model(data):
+    loc = pyro.param("loc", torch.tensor(0.0))
+    with pyro.plate("data", data.shape[0], subsample_size=4, dim=-1) as i:
+        z = pyro.sample("z", dist.Normal(loc, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=data[i])
+
+
+def _subsampled_guide(data):
+    w = pyro.param("w", torch.tensor(0.5))
+    with pyro.plate("data", data.shape[0], subsample_size=4, dim=-1) as i:
+        pyro.sample("z", dist.Normal(w * data[i], 1.0))
+
+
+@pytest.mark.parametrize("phi_objective", ["wake", "sleep"])
+def test_subsampling_plates_replay_their_random_indices(phi_objective):
+    data = torch.randn(20)
+
+    def run(use_jit):
+        pyro.clear_param_store()
+        ws = WakeSleep(
+            _subsampled_model,
+            _subsampled_guide,
+            pyro.optim.Adam({"lr": 0.1}),
+            phi_objective=phi_objective,
+            jit=use_jit,
+        )
+        torch.manual_seed(9)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = [tuple(ws.step(data)) for _ in range(6)]
+        return out, store_snapshot(), ws, caught
+
+    eager, eager_params, _, _ = run(False)
+    replayed, jit_params, ws, caught = run(True)
+    assert replayed == eager
+    assert_store_equal(eager_params, jit_params)
+    if phi_objective == "wake":
+        assert ws._jit_off is None and len(ws._recordings) == 1
+    else:
+        # The sleep phase finds the indexed argument by comparing values: not recordable.
+        assert ws._jit_off is not None
+        assert any("runs eagerly" in str(w.message) for w in caught)
