@@ -48,6 +48,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--jit", action="store_true", help="record the step once, then replay it")
     parser.add_argument("--spawn", type=int, default=0, help="spawn N local processes")
     parser.add_argument("--dump", default=None, help="save each rank's parameters to DUMP.rankR")
     return parser.parse_args(argv)
@@ -83,6 +84,7 @@ def train(rank: int, world: int, args: argparse.Namespace) -> Dict[str, torch.Te
         num_particles=args.num_particles,
         phi_objective="sleep" if args.num_particles == 1 else "wake",
         max_plate_nesting=1,
+        jit=args.jit,
     )
     if args.engine == "wakesleep":
         optim_class = pyro.optim.Adam if args.optimizer == "adam" else pyro.optim.SGD
