@@ -15,6 +15,8 @@ the process (about 2 s on the first step) falls on none of them. The estimators:
 - ``wakesleep-classic``: ``WakeSleep``, one particle, sleep-phi (Hinton et al. 1995);
 - ``wakesleep-rws5``: ``WakeSleep``, 5 particles, ``phi_objective=0.5`` (wake-phi and sleep-phi
   mixed equally);
+- ``wakesleep-classic-jit``, ``wakesleep-rws5-jit``: the same with ``jit=True`` (the step
+  recorded once and replayed: the same computation, less time per step);
 - ``pyro-rws5``: ``SVI`` with Pyro's ``ReweightedWakeSleep(num_particles=5, insomnia=0.5)``;
 - ``svi-tracegraph``: ``SVI`` with ``TraceGraph_ELBO`` (score-function gradients).
 
@@ -69,6 +71,8 @@ PUBLISHED_LABEL = "RWS K=5, SBN 200-200-200 (Bornschein & Bengio 2015)"
 ESTIMATORS: Dict[str, str] = {
     "wakesleep-classic": "WakeSleep, K=1, sleep-phi",
     "wakesleep-rws5": "WakeSleep, K=5, phi_objective=0.5",
+    "wakesleep-classic-jit": "WakeSleep, K=1, sleep-phi, jit=True",
+    "wakesleep-rws5-jit": "WakeSleep, K=5, phi_objective=0.5, jit=True",
     "pyro-rws5": "SVI + pyro.infer.ReweightedWakeSleep(K=5, insomnia=0.5)",
     "svi-tracegraph": "SVI + pyro.infer.TraceGraph_ELBO",
 }
@@ -78,11 +82,12 @@ def build(estimator: str, net: HelmholtzMachine, lr: float) -> Callable[[torch.T
     """The training step of ``estimator`` on the networks of ``net``, with a fresh Adam."""
     optim = pyro.optim.Adam({"lr": lr})
     nesting = net.max_plate_nesting
-    if estimator == "wakesleep-classic":
+    jit = estimator.endswith("-jit")
+    if estimator in ("wakesleep-classic", "wakesleep-classic-jit"):
         return WakeSleep(
-            net.model, net.guide, optim, num_particles=1, max_plate_nesting=nesting
+            net.model, net.guide, optim, num_particles=1, max_plate_nesting=nesting, jit=jit
         ).step
-    if estimator == "wakesleep-rws5":
+    if estimator in ("wakesleep-rws5", "wakesleep-rws5-jit"):
         return WakeSleep(
             net.model,
             net.guide,
@@ -90,6 +95,7 @@ def build(estimator: str, net: HelmholtzMachine, lr: float) -> Callable[[torch.T
             num_particles=5,
             phi_objective=0.5,
             max_plate_nesting=nesting,
+            jit=jit,
         ).step
     if estimator == "pyro-rws5":
         loss = ReweightedWakeSleep(
