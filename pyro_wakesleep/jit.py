@@ -20,7 +20,10 @@ that reads a tensor's value into Python (``if z.sum() > 0``, ``.item()``, ``bool
 is how stochastic control flow shows itself, and :class:`~pyro_wakesleep.WakeSleep` then runs
 eagerly. What cannot be seen is Python state that changes between calls without going
 through a tensor (a global flag, ``random.random()`` in the model, a module switched between
-``train()`` and ``eval()``): such models must not use ``jit=True``.
+``train()`` and ``eval()``), nor a tensor read other than through the arguments or Pyro's
+parameter store (a global data tensor, a closure): the recording holds such a tensor by
+reference, which follows in-place updates (module buffers) but not a rebinding of the name to
+another tensor. Such models must not use ``jit=True``.
 """
 
 from __future__ import annotations

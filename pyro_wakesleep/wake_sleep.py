@@ -303,7 +303,10 @@ class WakeSleep:
         program that reads a sampled value into Python (stochastic control flow) cannot be
         recorded, and then runs eagerly with a warning; a program that changes with Python
         state outside its arguments (a global flag, ``random``, ``module.train()`` /
-        ``eval()``) must not use it. A recording holds the parameter tensors it saw; when the
+        ``eval()``, a global data tensor rebound to another batch) must not use it: tensors
+        read other than through the arguments and Pyro's parameter store are held by
+        reference (fine for buffers updated in place). A recording holds the parameter
+        tensors it saw; when the
         parameter store holds other tensors (after :meth:`load`, or a rebuilt model) the step
         is recorded again.
 
@@ -580,7 +583,7 @@ class WakeSleep:
             "depends on sampled values (stochastic control flow) cannot be recorded; "
             "jit=False avoids this warning.",
             RuntimeWarning,
-            stacklevel=5,
+            stacklevel=6,  # the caller of step (step, _run, _run_once, _phases, here)
         )
 
     def _jit_phases(
