@@ -160,24 +160,28 @@ def _branching_guide(x):
         pyro.sample("z", dist.Bernoulli(logits=q + 0.1 * x))
 
 
-def test_stochastic_control_flow_runs_eagerly_with_a_warning_and_the_same_draws():
-    x = torch.randn(8)
+def _assert_falls_back_like_eager(model, guide, x, match, **options):
+    """jit=True warns (``match``), runs eagerly, and trains exactly as jit=False does."""
 
     def run(use_jit):
         pyro.clear_param_store()
-        ws = WakeSleep(
-            _branching_model, _branching_guide, pyro.optim.Adam({"lr": 0.1}), jit=use_jit
-        )
+        ws = WakeSleep(model, guide, pyro.optim.Adam({"lr": 0.1}), jit=use_jit, **options)
         torch.manual_seed(5)
         return [tuple(ws.step(x)) for _ in range(6)], store_snapshot(), ws
 
     eager, eager_params, _ = run(False)
-    with pytest.warns(RuntimeWarning, match="could not be recorded"):
+    with pytest.warns(RuntimeWarning, match=match):
         replayed, jit_params, ws = run(True)
     # The failed recording put the random streams and the store back: same draws as eager.
     assert replayed == eager
     assert_store_equal(eager_params, jit_params)
     assert ws._jit_off is not None and not ws._recordings
+
+
+def test_stochastic_control_flow_runs_eagerly_with_a_warning_and_the_same_draws():
+    _assert_falls_back_like_eager(
+        _branching_model, _branching_guide, torch.randn(8), "could not be recorded"
+    )
 
 
 class _Options:
@@ -379,26 +383,13 @@ def _masking_guide(x):
 
 
 def test_value_dependent_shapes_run_eagerly_with_a_warning():
-    x = torch.randn(12)
-
-    def run(use_jit):
-        pyro.clear_param_store()
-        ws = WakeSleep(
-            _masking_model,
-            _masking_guide,
-            pyro.optim.Adam({"lr": 0.1}),
-            phi_objective="wake",
-            jit=use_jit,
-        )
-        torch.manual_seed(6)
-        return [tuple(ws.step(x)) for _ in range(5)], store_snapshot(), ws
-
-    eager, eager_params, _ = run(False)
-    with pytest.warns(RuntimeWarning, match="depends on tensor values"):
-        replayed, jit_params, ws = run(True)
-    assert replayed == eager
-    assert_store_equal(eager_params, jit_params)
-    assert ws._jit_off is not None
+    _assert_falls_back_like_eager(
+        _masking_model,
+        _masking_guide,
+        torch.randn(12),
+        "depends on tensor values",
+        phi_objective="wake",
+    )
 
 
 def test_a_replay_that_fails_falls_back_to_the_eager_step():
