@@ -49,10 +49,15 @@ def child(folder: Path, args: argparse.Namespace) -> None:
         max_plate_nesting=1,
     )
     checkpoint, log = folder / "checkpoint.pt", folder / "losses.txt"
+    lines: list = []  # a run killed before its first checkpoint starts over, log and all
     if checkpoint.exists():
         ws.load(checkpoint, data[:1])  # the fresh modules take the loaded values now
         lines = log.read_text().splitlines()[: ws.num_steps] if log.exists() else []
-        log.write_text("".join(line + "\n" for line in lines))
+    # Keep the log's lines up to the checkpoint, replacing the file in one rename (a kill
+    # during the rewrite leaves the old log, which the next start truncates again).
+    partial = log.with_suffix(".tmp")
+    partial.write_text("".join(line + "\n" for line in lines))
+    os.replace(partial, log)
     batches_per_epoch = len(data) // args.batch_size
     with open(log, "a") as out:
         while ws.num_steps < args.steps:
