@@ -254,9 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     train.add_argument(
         "--jit",
-        action="store_true",
-        help="record each step once and replay it (WakeSleep(jit=True)): the same results, "
-        "less time per step",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="record each step once and replay it (WakeSleep(jit=True)): bitwise the same "
+        "results as --no-jit, less time per step (default: on)",
     )
     train.add_argument("--output", type=Path, default=Path("runs/latest"), metavar="FOLDER")
     train.add_argument(
