@@ -2,7 +2,8 @@
 Property-based tests (hypothesis) over batch sizes, particle counts, plate nestings, subsample
 sizes and latent types (Bernoulli, Categorical, Normal, mixed): losses are finite scalars,
 each phase changes only its own parameters, and vectorized and sequential particles give the
-same losses and gradients when they score the same particles.
+same losses and gradients when they score the same particles, and recorded steps (jit=True)
+replay the eager ones bitwise.
 """
 
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 import pyro
 import pyro.distributions as dist
 import torch
-from conftest import InjectSamples, store_snapshot
+from conftest import InjectSamples, assert_store_equal, store_snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -204,3 +205,29 @@ def test_vectorized_and_sequential_particles_agree_on_the_same_particles(case):
             assert a is None and b is None
         else:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+@SETTINGS
+@given(case=cases(), vectorize=st.booleans(), sleep_particles=st.integers(1, 2))
+def test_recorded_steps_replay_the_eager_steps_bitwise(case, vectorize, sleep_particles):
+    """WakeSleep(jit=True): after the first (eager) step and the second (recorded) one, every
+    replayed step computes what the eager step computes, bitwise."""
+    x = case.data()
+    runs = []
+    for use_jit in (False, True):
+        pyro.clear_param_store()
+        model, guide = make(case)
+        ws = _estimator(
+            case,
+            model,
+            guide,
+            vectorize_particles=vectorize,
+            num_sleep_particles=sleep_particles,
+            jit=use_jit,
+        )
+        torch.manual_seed(3)
+        runs.append(([tuple(ws.step(x)) for _ in range(4)], store_snapshot(), ws))
+    (eager, eager_params, _), (replayed, jit_params, ws) = runs
+    assert replayed == eager
+    assert_store_equal(eager_params, jit_params)
+    assert ws._jit_off is None and len(ws._recordings) == 1
