@@ -81,12 +81,15 @@ def signature(args: tuple, kwargs: dict) -> Optional[Signature]:
         return pytree.tree_unflatten(out, spec)
 
     # Global settings that change the recorded operations.
-    settings = (
-        torch.get_default_dtype(),
-        torch.is_autocast_enabled("cpu"),
-        torch.is_autocast_enabled("cuda"),
-    )
+    settings = (torch.get_default_dtype(), _autocast_states())
     return Signature(tensors, rebuild, (spec, tuple(parts), settings))
+
+
+def _autocast_states() -> Tuple[bool, bool]:
+    try:
+        return torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda")
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled(), torch.is_autocast_enabled()
 
 
 def _keeps(node: Node) -> bool:
@@ -153,6 +156,9 @@ def record(
                 f"the output shape of {node.target} depends on tensor values, which a replay "
                 "cannot follow"
             )
-    graph.graph.eliminate_dead_code(is_impure_node=_keeps)
+    try:
+        graph.graph.eliminate_dead_code(is_impure_node=_keeps)
+    except TypeError:  # an older torch without is_impure_node: keep every node
+        pass
     graph.recompile()
     return held["outputs"], held["static"], graph
