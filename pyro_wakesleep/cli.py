@@ -84,25 +84,24 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _steps(text: str) -> List[int]:
+def _int_list(text: str, example: str) -> List[int]:
     try:
-        steps = [int(s) for s in text.split(",")]
+        return [int(s) for s in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"must be increasing comma-separated step counts such as 800,2500, got {text!r}"
+            f"must be comma-separated integers such as {example}, got {text!r}"
         ) from None
+
+
+def _steps(text: str) -> List[int]:
+    steps = _int_list(text, "800,2500")
     if not steps or steps[0] < 1 or any(b <= a for a, b in zip(steps, steps[1:])):
         raise argparse.ArgumentTypeError(f"must be increasing positive step counts, got {text!r}")
     return steps
 
 
 def _layers(text: str) -> List[int]:
-    try:
-        sizes = [int(s) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be comma-separated integers such as 784,200,200, got {text!r}"
-        ) from None
+    sizes = _int_list(text, "784,200,200")
     if len(sizes) < 2 or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"needs at least two positive sizes, got {text!r}")
     return sizes

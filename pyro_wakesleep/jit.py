@@ -37,20 +37,27 @@ from torch.utils import _pytree as pytree
 
 
 class Signature(NamedTuple):
-    """The tensors of a call's arguments, how to put the arguments back together, and a key
-    that is equal for two calls exactly when one recording serves both."""
+    """The tensors of a call's arguments, a key that is equal for two calls exactly when one
+    recording serves both, and the flattened arguments (:meth:`rebuild` puts them back)."""
 
     tensors: List[torch.Tensor]
-    rebuild: Callable[[tuple], Tuple[tuple, dict]]
     key: Hashable
+    leaves: list
+    spec: pytree.TreeSpec
+
+    def rebuild(self, tensors: tuple) -> Tuple[tuple, dict]:
+        """``(args, kwargs)`` with ``tensors`` in place of the call's tensors, in order."""
+        it = iter(tensors)
+        leaves = [next(it) if isinstance(leaf, torch.Tensor) else leaf for leaf in self.leaves]
+        return pytree.tree_unflatten(leaves, self.spec)
 
 
 def signature(args: tuple, kwargs: dict) -> Optional[Signature]:
     """
     The :class:`Signature` of a call: tensors are keyed by shape, dtype, device, layout and
     ``requires_grad``; every other argument by its value; so are torch's default dtype and
-    autocast states. ``None`` if an argument that is not
-    a tensor is unhashable (it cannot be told apart from a changed one).
+    autocast states. ``None`` if an argument that is not a tensor is unhashable (it cannot be
+    told apart from a changed one).
     """
     leaves, spec = pytree.tree_flatten((args, kwargs))
     tensors: List[torch.Tensor] = []
@@ -75,14 +82,9 @@ def signature(args: tuple, kwargs: dict) -> Optional[Signature]:
                 return None
             parts.append((type(leaf), leaf))
 
-    def rebuild(new: tuple) -> Tuple[tuple, dict]:
-        it = iter(new)
-        out = [next(it) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
-        return pytree.tree_unflatten(out, spec)
-
     # Global settings that change the recorded operations.
     settings = (torch.get_default_dtype(), _autocast_states())
-    return Signature(tensors, rebuild, (spec, tuple(parts), settings))
+    return Signature(tensors, (spec, tuple(parts), settings), leaves, spec)
 
 
 def _autocast_states() -> Tuple[bool, bool]:

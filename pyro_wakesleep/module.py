@@ -79,13 +79,8 @@ class WakeSleepModule(nn.Module):
 
     def _check_parameters(self, args: tuple, kwargs: dict) -> None:
         own = {id(p) for p in self.parameters()}
-        outside = [
-            name
-            for trace in self.wake_sleep._probe(args, kwargs)
-            for name, site in trace.nodes.items()
-            if site["type"] == "param" and id(site["value"].unconstrained()) not in own
-        ]
-        outside = list(dict.fromkeys(outside))
+        params = self.wake_sleep._probed_params(args, kwargs)
+        outside = [name for name, p in params.items() if id(p) not in own]
         if outside:
             raise ValueError(
                 "WakeSleepModule: parameter(s) "

@@ -553,13 +553,19 @@ class WakeSleep:
         if self._jit_usable(trim):
             result, failure = self._jit_phases(args, kwargs, wake=wake, sleep=sleep, trim=trim)
         if result is None:
-            with dist_util.validation_enabled(not trim):
-                result = self._compute(args, kwargs, wake=wake, sleep=sleep, check_support=trim)
+            result = self._eager_phases(args, kwargs, wake=wake, sleep=sleep, trim=trim)
             if failure is not None:
                 # The step could be run but not recorded: run eagerly from now on.
                 self._jit_disable(failure)
         _check_support(result.support)
         return result
+
+    def _eager_phases(
+        self, args: tuple, kwargs: dict, *, wake: bool, sleep: bool, trim: bool
+    ) -> _Phases:
+        """:meth:`_compute` with Pyro's validation trimmed or not (see ``full_validation``)."""
+        with dist_util.validation_enabled(not trim):
+            return self._compute(args, kwargs, wake=wake, sleep=sleep, check_support=trim)
 
     def _jit_usable(self, trim: bool) -> bool:
         """Replay only what an eager step after the first would compute: no full validation
@@ -618,8 +624,7 @@ class WakeSleep:
 
         def step(*tensors: torch.Tensor) -> Tuple[Tuple[torch.Tensor, ...], _Recorded]:
             a, k = sig.rebuild(tensors)
-            with dist_util.validation_enabled(not trim):
-                r = self._compute(a, k, wake=wake, sleep=sleep, check_support=trim)
+            r = self._eager_phases(a, k, wake=wake, sleep=sleep, trim=trim)
             losses = tuple(x for x in (r.wake_theta, r.phi) if x is not None)
             static = _Recorded(
                 r.wake_theta is not None,
@@ -667,6 +672,13 @@ class WakeSleep:
                     poutine.replay(self.model, trace=guide_trace)
                 ).get_trace(*args, **kwargs)
         return model_trace, guide_trace
+
+    def _probed_params(self, args: tuple, kwargs: dict) -> Dict[str, torch.Tensor]:
+        """The unconstrained parameters the model and guide touch, by name (one probe)."""
+        params: Dict[str, torch.Tensor] = {}
+        for trace in self._probe(args, kwargs):
+            params.update(_params(trace))
+        return params
 
     def _require_optim(self) -> None:
         if self.optim is None:
@@ -766,9 +778,7 @@ class WakeSleep:
     def _broadcast_parameters(self, args: tuple, kwargs: dict) -> None:
         """Create the parameters (a probe run that leaves the random streams as they were),
         then copy rank 0's values to every process."""
-        params: Dict[str, torch.Tensor] = {}
-        for trace in self._probe(args, kwargs):
-            params.update(_params(trace))
+        params = self._probed_params(args, kwargs)
         for name in sorted(params):
             torch.distributed.broadcast(params[name].data, src=0)
         self._broadcast_done = True
