@@ -2,107 +2,362 @@
 Checkpoints of a :class:`~pyro_wakesleep.WakeSleep` run: :meth:`WakeSleep.save` and
 :meth:`WakeSleep.load`.
 
-A checkpoint holds Pyro's parameter store, the states of both optimizers, the step count and
-the random number generator states (torch, CUDA, Python, NumPy), so that a resumed run draws
-the same samples as an uninterrupted one. It is written atomically: to a temporary file in the
-same folder, flushed to disk, then renamed over the target, so a process killed while writing
-leaves the previous checkpoint intact.
+A checkpoint holds Pyro's parameter store, the states of both optimizers, the step counts,
+the random number generator states (torch, CUDA, Python, NumPy) and any plain data the caller
+adds (``extra``: an epoch count, a data-order generator, a configuration), so that a resumed run
+draws the same samples as an uninterrupted one.
 
-Resuming the usual way - a new process that builds its ``nn.Module``s afresh and registers
-them with ``pyro.module`` inside the model - has a trap: ``pyro.module`` (with its default
-``update_module_params=False``) keeps the module's own fresh tensors and ignores values already
+**Plain data only.** A checkpoint holds tensors, numbers, strings, ``None`` and lists, tuples
+and dicts of them, nothing else: a parameter's constraint is stored by name (``"positive"``,
+``{"name": "interval", "lower_bound": 0.0, "upper_bound": 1.0}``), NumPy's generator state as a
+tensor. It is read with ``torch.load(..., weights_only=True)``, whose unpickler builds no
+other Python object and calls no function named in the file, so a crafted file can fail to load
+but cannot run code. Version 1 files (pyro-wakesleep 0.1.0, which pickled constraint objects
+and NumPy arrays) are refused for that reason.
+
+**Atomic writes.** :func:`atomic_save` writes to a temporary file in the same folder, flushes it
+to disk, then renames it over the target, so a process killed while writing leaves the previous
+checkpoint intact; the next successful write removes the temporary files that killed writers
+left behind.
+
+**Loading into freshly built modules.** ``pyro.module`` (with its default
+``update_module_params=False``) keeps a module's own fresh tensors and ignores values already
 in the parameter store. :meth:`WakeSleep.load` therefore does not stop at filling the store:
-at the next step it copies each loaded value into the tensor the model or guide registers
-under that name, so that the module computes with the loaded values and the optimizer state
+one run of the model and guide (:class:`RegisteredParams` records what they register) is
+checked against the checkpoint - same names, same shapes, or :class:`CheckpointError` naming
+the parameters - and :func:`adopt` then copies each loaded value into the tensor registered
+under its name, so that the module computes with the loaded values and the optimizer state
 attaches to the tensor that is actually trained.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
+import numpy as np
 import pyro
 import torch
+from pyro.distributions import constraints
 from pyro.poutine.messenger import Messenger
-from torch.distributions import constraints
+from torch.distributions import transform_to
 
 FORMAT = "pyro-wakesleep/wake-sleep-checkpoint"
-VERSION = 1
+VERSION = 2
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated, corrupt or not a WakeSleep checkpoint."""
+    """A checkpoint file is missing, unreadable, truncated, corrupt, unsafe, not a WakeSleep
+    checkpoint, or does not fit the model and guide it is loaded into."""
 
 
-def atomic_save(obj: Any, path: PathLike) -> None:
+# ------------------------------------------------------------------------- plain data
+
+_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+
+
+def check_plain(obj: Any, where: str) -> None:
     """
-    :func:`torch.save` ``obj`` to ``path`` atomically: a temporary file in the same folder,
-    flushed and synced, then renamed over ``path``.
+    Raise ``TypeError`` unless ``obj`` is plain data that ``torch.load(weights_only=True)``
+    reads back: tensors, numbers, strings, ``None``, and lists, tuples and dicts (with string
+    or integer keys) of them.
 
-    :param obj: what to save.
-    :param path: the target file.
+    :param obj: the value.
+    :param where: how to name it in the message.
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    if isinstance(obj, torch.Tensor) or isinstance(obj, _SCALARS) or isinstance(obj, torch.Size):
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            check_plain(item, f"{where}[{i}]")
+        return
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"{where} has a key of type {type(key).__name__}: {key!r}")
+            check_plain(value, f"{where}[{key!r}]")
+        return
+    raise TypeError(
+        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; a checkpoint holds only "
+        "tensors, numbers, strings, None and lists, tuples and dicts of them"
+    )
+
+
+# ------------------------------------------------------------------------- constraints
+
+# Constraints with parameters, by their factory in pyro.distributions.constraints, and the
+# attributes that rebuild them.
+_PARAMETERIZED = {
+    "interval": ("lower_bound", "upper_bound"),
+    "half_open_interval": ("lower_bound", "upper_bound"),
+    "integer_interval": ("lower_bound", "upper_bound"),
+    "greater_than": ("lower_bound",),
+    "greater_than_eq": ("lower_bound",),
+    "less_than": ("upper_bound",),
+    "multinomial": ("upper_bound",),
+    "independent": ("base_constraint", "reinterpreted_batch_ndims"),
+}
+
+
+def _singletons() -> Dict[str, constraints.Constraint]:
+    return {
+        name: value
+        for name in dir(constraints)
+        if not name.startswith("_")
+        and isinstance(value := getattr(constraints, name), constraints.Constraint)
+    }
+
+
+def encode_constraint(constraint: constraints.Constraint) -> Union[str, Dict[str, Any]]:
+    """
+    A constraint of :mod:`pyro.distributions.constraints` (or torch's) as plain data: its name
+    (``"positive"``), or a dict of its factory's name and arguments.
+
+    :raises TypeError: for a constraint defined elsewhere.
+    """
+    for name, value in _singletons().items():
+        if constraint is value:
+            return name
+    for name, attributes in _PARAMETERIZED.items():
+        if type(constraint) is getattr(constraints, name):
+            spec: Dict[str, Any] = {"name": name}
+            for attribute in attributes:
+                value = getattr(constraint, attribute)
+                if isinstance(value, constraints.Constraint):
+                    value = encode_constraint(value)
+                elif isinstance(value, torch.Tensor):
+                    value = value.detach().cpu()
+                spec[attribute] = value
+            return spec
+    if type(constraint) is type(constraints.real):  # Pyro's store treats these as real
+        return "real"
+    raise TypeError(
+        f"cannot store the constraint {constraint!r}: a checkpoint stores the constraints of "
+        "pyro.distributions.constraints (by name), not constraints defined elsewhere"
+    )
+
+
+def decode_constraint(spec: Any) -> constraints.Constraint:
+    """The constraint that :func:`encode_constraint` encoded as ``spec``.
+
+    :raises ValueError: for anything else."""
+    if isinstance(spec, str):
+        found = _singletons().get(spec)
+        if found is None:
+            raise ValueError(f"unknown constraint {spec!r}")
+        return found
+    if isinstance(spec, dict) and spec.get("name") in _PARAMETERIZED:
+        name = spec["name"]
+        args = []
+        for attribute in _PARAMETERIZED[name]:
+            if attribute not in spec:
+                raise ValueError(f"constraint {name} without its {attribute}")
+            value = spec[attribute]
+            args.append(decode_constraint(value) if attribute == "base_constraint" else value)
+        return getattr(constraints, name)(*args)
+    raise ValueError(f"malformed constraint {spec!r}")
+
+
+# ------------------------------------------------------------------------- generators
 
 
 def rng_state() -> Dict[str, Any]:
-    """The states of torch's (CPU and CUDA), Python's and NumPy's global generators."""
-    state: Dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """The states of torch's (CPU and CUDA), Python's and NumPy's global generators, as plain
+    data."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: Dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": {
+            "version": version,
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss": gauss,
+        },
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        pass
     return state
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    """Restore the generators saved by :func:`rng_state`."""
+    """
+    Restore the generators saved by :func:`rng_state`: all of them, or (when an entry is
+    malformed) none.
+
+    :raises ValueError: naming the malformed entry.
+    """
+    before = rng_state()
+    try:
+        _set_rng_state(state)
+    except Exception as error:
+        _set_rng_state(before)
+        raise ValueError(
+            f"malformed random generator state ({type(error).__name__}: {error})"
+        ) from error
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    py = state["python"]
+    random.setstate((int(py["version"]), tuple(int(v) for v in py["state"]), py["gauss"]))
+    numpy = state["numpy"]
+    np.random.set_state(
+        (
+            numpy["name"],
+            numpy["keys"].numpy().astype(np.uint32),
+            int(numpy["pos"]),
+            int(numpy["has_gauss"]),
+            float(numpy["cached_gaussian"]),
+        )
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
 
-        np.random.set_state(state["numpy"])
+
+# ------------------------------------------------------------------------- files
+
+
+def _temporary_prefix(path: Path) -> str:
+    """``.NAME.`` for every temporary file of ``path``; ``.NAME.PID@HOST.`` for this process's."""
+    return f".{path.name}."
+
+
+def _owner_alive(name: str, prefix: str) -> bool:
+    """Whether the temporary file ``name`` belongs to a live process of this machine."""
+    owner = name[len(prefix) :].rsplit(".", 2)[0]  # PID@HOST of PID@HOST.RANDOM.tmp
+    pid, _, host = owner.partition("@")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: PathLike) -> None:
+    """Remove the temporary files that writers of ``path`` killed mid-write left behind (those of
+    live processes on this machine stay)."""
+    path = Path(path)
+    prefix = _temporary_prefix(path)
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix) and name.endswith(".tmp") and not _owner_alive(name, prefix):
+            try:
+                os.unlink(path.parent / name)
+            except OSError:
+                pass
+
+
+def atomic_write(path: PathLike, write: Any, mode: str = "wb") -> None:
+    """
+    Write ``path`` atomically: ``write(file)`` fills a temporary file in the same folder, which
+    is flushed, synced, then renamed over ``path``. A failure leaves ``path`` as it was and
+    raises ``OSError`` naming it; a success also removes temporary files of ``path`` left by
+    killed writers.
+
+    :param path: the target file.
+    :param write: a function of the open temporary file.
+    :param mode: ``"wb"`` or ``"w"``.
+    """
+    path = Path(path)
+    prefix = f"{_temporary_prefix(path)}{os.getpid()}@{socket.gethostname()}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(error, OSError):
+            raise OSError(f"{path}: cannot be written ({error.strerror or error})") from error
+        if isinstance(error, RuntimeError):  # torch's writer reports a full disk this way
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise OSError(f"{path}: cannot be written ({reason}); is the disk full?") from error
+        raise
+    remove_stale_temporaries(path)
+
+
+def atomic_save(obj: Any, path: PathLike) -> None:
+    """
+    :func:`torch.save` ``obj`` to ``path`` atomically (see :func:`atomic_write`).
+
+    :param obj: what to save.
+    :param path: the target file.
+    :raises OSError: naming the file, when it cannot be written (a full disk, say); the
+        previous file is then unchanged.
+    """
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _unsafe_globals(path: Path) -> str:
+    find = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    try:
+        names = find(path) if find is not None else []
+    except Exception:
+        names = []
+    return f" ({', '.join(names[:4])})" if names else ""
 
 
 def read(path: PathLike) -> Dict[str, Any]:
     """
-    Read and check a checkpoint file.
+    Read and check a checkpoint file, without running anything it names.
 
+    :returns: the checkpoint: ``params``, ``optim``, ``guide_optim``, ``num_steps``,
+        ``num_skipped_steps``, ``rng`` and ``extra``; constraints decoded, parameters as
+        tensors that require gradients.
     :raises CheckpointError: naming the file and what is wrong with it.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        file = open(path, "rb")
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be read ({error.strerror or error})") from error
+    try:
+        with file:
+            checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only" not in str(error).lower():
+            raise CheckpointError(
+                f"{path}: cannot be read as a checkpoint; the file is truncated or corrupt "
+                f"(UnpicklingError: {str(error).splitlines()[0]})"
+            ) from error
+        raise CheckpointError(
+            f"{path}: refused, it holds Python objects other than plain data"
+            f"{_unsafe_globals(path)}, which could run code when loaded; nothing in it was run. "
+            "A WakeSleep checkpoint holds tensors, numbers and strings only (files written by "
+            "pyro-wakesleep 0.1.0, format 1, are refused this way too: save them again)"
+        ) from error
     except Exception as error:
         raise CheckpointError(
             f"{path}: cannot be read as a checkpoint; the file is truncated, corrupt or of "
-            f"another format ({type(error).__name__}: {error})"
+            f"another format ({type(error).__name__}: {str(error).splitlines()[0]})"
         ) from error
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise CheckpointError(
@@ -114,43 +369,200 @@ def read(path: PathLike) -> Dict[str, Any]:
             f"{path}: checkpoint version {checkpoint.get('version')!r}, this pyro-wakesleep "
             f"reads version {VERSION}"
         )
-    return checkpoint
+    try:
+        return _checked(checkpoint)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(
+            f"{path}: a WakeSleep checkpoint with missing or malformed entries "
+            f"({type(error).__name__}: {error})"
+        ) from error
 
 
 def _keys(obj: Any) -> str:
     return f" with keys {sorted(map(str, obj))[:6]}" if isinstance(obj, dict) else ""
 
 
-class AdoptLoadedParams(Messenger):
-    """
-    Reconcile loaded parameter values with freshly built modules: when the model or guide
-    registers a tensor under a name whose loaded value sits in the parameter store as another
-    tensor, copy the loaded value into the registered tensor and make that tensor the store's
-    entry. Names are forgotten once reconciled; the handler is a no-op afterwards.
+def _count(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
 
-    :param names: the parameter names loaded from a checkpoint.
+
+def _state_dicts(value: Any, name: str) -> Dict[str, Any]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise TypeError(f"{name} must map parameter names to optimizer states")
+    for key, state in value.items():
+        if not isinstance(state, dict):
+            raise TypeError(f"{name}[{key!r}] is not an optimizer state")
+    return value
+
+
+def _checked(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
+    """The checkpoint's entries, type-checked, constraints decoded (nothing applied yet)."""
+    store = checkpoint["params"]
+    params, specs = store["params"], store["constraints"]
+    if not isinstance(params, dict) or not isinstance(specs, dict) or set(params) != set(specs):
+        raise ValueError("params must hold a value and a constraint for every parameter")
+    values = {}
+    for name, value in params.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise TypeError(f"parameter {name!r} is not a named tensor")
+        if not (value.is_floating_point() or value.is_complex()):
+            raise TypeError(f"parameter {name!r} is a {value.dtype} tensor, not a real one")
+        values[name] = value.detach().requires_grad_(True)
+    guide_optim = checkpoint["guide_optim"]
+    rng = checkpoint["rng"]
+    if not isinstance(rng, dict) or not {"torch", "python", "numpy"} <= set(rng):
+        raise ValueError("rng must hold the torch, python and numpy generator states")
+    extra = checkpoint.get("extra", {})
+    if not isinstance(extra, dict):
+        raise TypeError("extra must be a dict")
+    return {
+        "params": values,
+        "constraints": {name: decode_constraint(spec) for name, spec in specs.items()},
+        "optim": _state_dicts(checkpoint["optim"], "optim"),
+        "guide_optim": None if guide_optim is None else _state_dicts(guide_optim, "guide_optim"),
+        "num_steps": _count(checkpoint["num_steps"], "num_steps"),
+        "num_skipped_steps": _count(checkpoint["num_skipped_steps"], "num_skipped_steps"),
+        "rng": rng,
+        "extra": extra,
+    }
+
+
+def state(
+    optim_state: Dict[str, Any],
+    guide_optim_state: Optional[Dict[str, Any]],
+    num_steps: int,
+    num_skipped_steps: int,
+    extra: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """
+    The checkpoint of the current parameter store and generators with the given optimizer
+    states and counts, as plain data.
+
+    :raises TypeError: naming the entry that is not plain data (a constraint defined outside
+        Pyro, an optimizer holding Python objects, an ``extra`` value).
+    """
+    store = pyro.get_param_store().get_state()
+    params, specs = {}, {}
+    for name, value in store["params"].items():
+        params[name] = value.detach()
+        try:
+            specs[name] = encode_constraint(store["constraints"][name])
+        except TypeError as error:
+            raise TypeError(f"parameter '{name}': {error}") from None
+    extra = {} if extra is None else extra
+    check_plain(optim_state, "the optimizer state")
+    check_plain(guide_optim_state, "the guide optimizer state")
+    check_plain(extra, "extra")
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "params": {"params": params, "constraints": specs},
+        "optim": optim_state,
+        "guide_optim": guide_optim_state,
+        "num_steps": num_steps,
+        "num_skipped_steps": num_skipped_steps,
+        "rng": rng_state(),
+        "extra": extra,
+    }
+
+
+# ------------------------------------------------------------------------- model fit
+
+
+class RegisteredParams(Messenger):
+    """
+    Record the parameters a run of the model and guide registers: for each name its initial
+    tensor (``None`` for a callable or absent one) and its constraint. Changes nothing.
     """
 
-    def __init__(self, names: set) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.pending = set(names)
+        self.registered: Dict[str, Tuple[Optional[torch.Tensor], constraints.Constraint]] = {}
 
     def _pyro_param(self, msg: dict) -> None:
         # pyro.param sends args (name, init_tensor) and kwargs {constraint, event_dim}.
-        name = msg["name"]
-        if name not in self.pending or len(msg["args"]) < 2:
-            return
-        self.pending.discard(name)
-        init = msg["args"][1]
-        store = pyro.get_param_store()
-        if not isinstance(init, torch.Tensor) or name not in store:
-            return
-        if msg["kwargs"].get("constraint", constraints.real) is not constraints.real:
-            return  # a constrained pyro.param: Pyro returns the stored value anyway
-        unconstrained = store.get_param(name).unconstrained()
-        if unconstrained is init or init.shape != unconstrained.shape:
-            return
+        args = msg["args"]
+        init = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None
+        constraint = msg["kwargs"].get("constraint", constraints.real)
+        self.registered.setdefault(msg["name"], (init, constraint))
+
+
+def _loaded_shape(value: torch.Tensor, constraint: constraints.Constraint) -> torch.Size:
+    """The constrained shape of an unconstrained value."""
+    try:
+        return torch.Size(transform_to(constraint).forward_shape(value.shape))
+    except Exception:
         with torch.no_grad():
-            init.copy_(unconstrained)
-        del store[name]
+            return transform_to(constraint)(value).shape
+
+
+def misfits(
+    loaded: Dict[str, torch.Tensor],
+    loaded_constraints: Dict[str, constraints.Constraint],
+    registered: Dict[str, Tuple[Optional[torch.Tensor], constraints.Constraint]],
+    complete: bool = True,
+) -> List[str]:
+    """
+    How a checkpoint's parameters and those a run of the model and guide registered disagree:
+    a shape that differs, a loaded name never registered, a registered name not loaded (the
+    last two only for a ``complete`` run).
+
+    :returns: one phrase per problem; empty when the checkpoint fits.
+    """
+    problems = []
+    for name, (init, _) in registered.items():
+        if name not in loaded:
+            if complete:
+                problems.append(f"'{name}' is registered by the model or guide but not saved")
+            continue
+        if init is None:
+            continue
+        shape = _loaded_shape(loaded[name], loaded_constraints[name])
+        if tuple(init.shape) != tuple(shape):
+            problems.append(
+                f"'{name}' has shape {tuple(shape)} in the checkpoint and {tuple(init.shape)} "
+                "in the model or guide"
+            )
+    if complete:
+        problems += [
+            f"'{name}' is saved but never registered by the model or guide"
+            for name in loaded
+            if name not in registered
+        ]
+    return problems
+
+
+def misfit_message(path: PathLike, problems: List[str]) -> str:
+    shown = "; ".join(problems[:6])
+    if len(problems) > 6:
+        shown += f"; and {len(problems) - 6} more"
+    return (
+        f"{path}: does not fit this model and guide: {shown}. Nothing was loaded into them; "
+        "build them as they were when the checkpoint was saved (the same sizes and names)"
+    )
+
+
+def adopt(
+    loaded: Dict[str, torch.Tensor],
+    registered: Dict[str, Tuple[Optional[torch.Tensor], constraints.Constraint]],
+) -> None:
+    """
+    Make the tensors the model and guide register hold the loaded values: each unconstrained
+    registered tensor (a module's parameter, say) that is not the loaded tensor itself gets a
+    copy of the loaded value and becomes the store's entry. Constrained ``pyro.param`` sites
+    need nothing: Pyro returns the stored value.
+    """
+    store = pyro.get_param_store()
+    for name, (init, constraint) in registered.items():
+        if name not in loaded or init is None or constraint is not constraints.real:
+            continue
+        current = store.get_param(name).unconstrained() if name in store else None
+        if current is init or init.shape != loaded[name].shape:
+            continue
+        with torch.no_grad():
+            init.copy_(loaded[name])
+        if name in store:
+            del store[name]
         store.setdefault(name, init)

@@ -196,6 +196,63 @@ def _item(loss: Optional[torch.Tensor]) -> float:
     return float("nan") if loss is None else loss.detach().item()
 
 
+def _make_optimizers(updates: List[Tuple[PyroOptim, List[torch.Tensor]]]) -> None:
+    """
+    Make the torch optimizers that an update is about to need, before any update: PyroOptim
+    makes one per parameter the first time it steps it, so a constructor that raises (an
+    invalid learning rate, say) or a loaded state written by another optimizer would otherwise
+    fail half-way, after other parameters were updated. Made with the gradients set aside, so
+    that nothing is stepped; on failure the optimizers made here are dropped again and the
+    loaded states they took up wait as before.
+
+    :param updates: ``(optimizer, parameters)`` pairs.
+    :raises ValueError: naming the parameter whose loaded optimizer state does not fit.
+    """
+    made: List[Tuple[PyroOptim, torch.Tensor, Any]] = []
+    try:
+        for optim, params in updates:
+            new = [p for p in params if p not in optim.optim_objs]
+            if not new:
+                continue
+            # The loaded states that PyroOptim.set_state left waiting for these parameters.
+            waiting = getattr(optim, "_state_waiting_to_be_consumed", {})
+            store = pyro.get_param_store()
+            for p in new:
+                name = store.param_name(p)
+                pending = waiting.get(name)
+                grad, p.grad = p.grad, None
+                try:
+                    optim([p])  # makes p's optimizer, takes up its loaded state; no gradient
+                finally:
+                    p.grad = grad
+                if p in optim.optim_objs:
+                    made.append((optim, p, (name, pending)))
+                _check_optimizer_state(optim.optim_objs[p], name)
+    except Exception:
+        for optim, p, (name, pending) in made:
+            optim.optim_objs.pop(p, None)
+            optim.grad_clip.pop(p, None)
+            if pending is not None:
+                optim.set_state({name: pending})
+        raise
+
+
+def _check_optimizer_state(optimizer: Any, name: Optional[str]) -> None:
+    """Refuse a torch optimizer whose parameter groups lack its own hyperparameters: the sign
+    of a loaded state written by another kind of optimizer."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # an LR scheduler's
+    defaults = getattr(optimizer, "defaults", {})
+    for group in getattr(optimizer, "param_groups", []):
+        missing = sorted(set(defaults) - set(group))
+        if missing:
+            raise ValueError(
+                f"The optimizer state loaded for parameter '{name}' does not fit "
+                f"{type(optimizer).__name__}: it lacks {', '.join(missing)}, so it was written by "
+                "another kind of optimizer. Load it with the optimizer it was saved with. No "
+                "parameter or optimizer state was changed."
+            )
+
+
 class _Phases(NamedTuple):
     wake_theta: Optional[torch.Tensor]
     phi: Optional[torch.Tensor]
@@ -394,7 +451,7 @@ class WakeSleep:
         self.num_steps = 0
         #: The number of steps skipped for non-finite values (``skip_nonfinite=True``).
         self.num_skipped_steps = 0
-        self._adopt: Optional[checkpoint.AdoptLoadedParams] = None
+        self._pending_load: Optional[tuple] = None
         self._guide_takes_observations = takes_observations(guide)
 
     @staticmethod
@@ -462,6 +519,7 @@ class WakeSleep:
 
         :returns: a scalar tensor.
         """
+        self._finish_load(args, kwargs)
         result = self._phases(args, kwargs, wake=True, sleep=True, trim=self._trim_validation())
         self._validated = True
         return sum(x for x in (result.wake_theta, result.phi) if x is not None)
@@ -477,70 +535,106 @@ class WakeSleep:
             phases = self._run(args, kwargs, wake=True, sleep=True, update=False)
         return WakeSleepLosses(_item(phases.wake_theta), _item(phases.phi))
 
-    def save(self, path: Union[str, os.PathLike[str]]) -> None:
+    def save(
+        self, path: Union[str, os.PathLike[str]], extra: Optional[Dict[str, Any]] = None
+    ) -> None:
         """
         Save a checkpoint: Pyro's parameter store, both optimizers' states, the step counts
-        and the random number generators' states, written atomically (a temporary file, then
-        a rename), so that an interrupted write leaves the previous file intact.
+        and the random number generators' states, as plain data (no pickled Python objects),
+        written atomically (a temporary file, then a rename), so that an interrupted write
+        leaves the previous file intact.
 
         :param path: the checkpoint file.
+        :param extra: optional plain data saved with it (tensors, numbers, strings, ``None``,
+            lists, tuples and dicts of them: an epoch count, a data-order generator's state, a
+            configuration) and returned by :meth:`load`.
+        :raises TypeError: naming an entry that is not plain data (a constraint defined
+            outside Pyro, say); nothing is written.
+        :raises OSError: naming the file when it cannot be written (a full disk); the previous
+            file is then unchanged.
         """
-        state = {
-            "format": checkpoint.FORMAT,
-            "version": checkpoint.VERSION,
-            "params": pyro.get_param_store().get_state(),
-            "optim": self.optim.get_state(),
-            "guide_optim": (
-                None if self.guide_optim is self.optim else self.guide_optim.get_state()
-            ),
-            "num_steps": self.num_steps,
-            "num_skipped_steps": self.num_skipped_steps,
-            "rng": checkpoint.rng_state(),
-        }
+        optim_state = {} if self.optim is None else self.optim.get_state()
+        guide_state = (
+            None
+            if self.guide_optim is self.optim or self.guide_optim is None
+            else self.guide_optim.get_state()
+        )
+        state = checkpoint.state(
+            optim_state, guide_state, self.num_steps, self.num_skipped_steps, extra
+        )
         checkpoint.atomic_save(state, path)
 
-    def load(self, path: Union[str, os.PathLike[str]], *args: Any, **kwargs: Any) -> None:
+    def load(self, path: Union[str, os.PathLike[str]], *args: Any, **kwargs: Any) -> Dict[str, Any]:
         """
         Resume from a checkpoint written by :meth:`save`, typically in a new process, after
         building the model's and guide's modules afresh and before any step.
 
-        The loaded values fill Pyro's parameter store, the optimizers' states wait for their
-        parameters, the step counts and random generators are restored. Modules registered
-        with ``pyro.module`` (which by default keeps a module's own tensors over stored ones)
-        receive the loaded values at the next step: each value is copied into the tensor the
-        model or guide registers under its name. A run resumed this way continues bitwise as
-        the uninterrupted run would have. To have the modules hold the loaded values at once
-        (to evaluate or export them before any step), pass model arguments (any batch): the
-        model and guide are then run once, drawing nothing from the random streams.
+        The file is read as plain data (``torch.load(weights_only=True)``): a crafted file
+        cannot run code. The loaded values fill Pyro's parameter store, the optimizers'
+        states wait for their parameters, the step counts and random generators are
+        restored. Modules registered with ``pyro.module`` (which by default keeps a module's
+        own tensors over stored ones) receive the loaded values: each value is copied into
+        the tensor the model or guide registers under its name. A run resumed this way
+        continues bitwise as the uninterrupted run would have.
+
+        The checkpoint must fit the model and guide: every saved parameter registered by
+        them with the same shape, and every parameter they register saved. Given model
+        arguments (any batch), the model and guide are run once at once, drawing nothing
+        from the random streams: a checkpoint that does not fit is refused with nothing
+        changed, and the modules hold the loaded values on return. Without arguments that
+        run happens at the next step (or :meth:`evaluate_loss`, :meth:`differentiable_loss`),
+        which refuses a checkpoint that does not fit, changing nothing, as every later step
+        does until another checkpoint is loaded.
 
         :param path: the checkpoint file.
         :param args: optional model arguments for that immediate run.
         :param kwargs: optional model keyword arguments for it.
-        :raises ~pyro_wakesleep.checkpoint.CheckpointError: if the file is missing,
-            truncated, corrupt or not a WakeSleep checkpoint.
+        :returns: the ``extra`` data saved with the checkpoint (an empty dict if none).
+        :raises ~pyro_wakesleep.CheckpointError: if the file is missing, unreadable,
+            truncated, corrupt, holds anything but plain data, is not a WakeSleep checkpoint,
+            or does not fit the model and guide; nothing is changed.
         """
         state = checkpoint.read(path)
+        loaded, loaded_constraints = state["params"], state["constraints"]
+        store = pyro.get_param_store()
+        # Parameters the store holds already (the model ran in this process) are checked now.
+        now = store.get_state()["constraints"]
+        present = {
+            name: (store.get_param(name).detach(), now[name])
+            for name in store.keys()
+            if name in loaded
+        }
+        problems = checkpoint.misfits(loaded, loaded_constraints, present, complete=False)
+        registered = None
+        if not problems and (args or kwargs):
+            registered = self._registered_params(args, kwargs, path, loaded, loaded_constraints)
+        if problems:
+            raise checkpoint.CheckpointError(checkpoint.misfit_message(path, problems))
         try:
-            params = state["params"]
-            store = pyro.get_param_store()
-            store.set_state(params)
-            self.optim.set_state(state["optim"])
-            if state["guide_optim"] is not None:
-                self.guide_optim.set_state(state["guide_optim"])
-            self.num_steps = int(state["num_steps"])
-            self.num_skipped_steps = int(state["num_skipped_steps"])
             checkpoint.set_rng_state(state["rng"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as error:
-            raise checkpoint.CheckpointError(
-                f"{path}: a WakeSleep checkpoint with missing or malformed entries "
-                f"({type(error).__name__}: {error})"
-            ) from error
-        self._adopt = checkpoint.AdoptLoadedParams(set(params["params"]))
+        except ValueError as error:
+            raise checkpoint.CheckpointError(f"{path}: {error}") from error
+        # Optimizers already made for these parameters would keep their own state: drop them,
+        # so that the loaded states are taken up at the next update.
+        for optim in {id(o): o for o in (self.optim, self.guide_optim) if o is not None}.values():
+            for p in list(optim.optim_objs):
+                if store.param_name(p) in loaded:
+                    del optim.optim_objs[p]
+                    optim.grad_clip.pop(p, None)
+        store.set_state({"params": loaded, "constraints": loaded_constraints})
+        if self.optim is not None:
+            self.optim.set_state(state["optim"])
+            if state["guide_optim"] is not None and self.guide_optim is not None:
+                self.guide_optim.set_state(state["guide_optim"])
+        self.num_steps = state["num_steps"]
+        self.num_skipped_steps = state["num_skipped_steps"]
         self._recordings.clear()
-        if args or kwargs:
-            self._probe(args, kwargs, handler=self._adopt)
-            if not self._adopt.pending:
-                self._adopt = None
+        if registered is not None:
+            checkpoint.adopt(loaded, registered)
+            self._pending_load = None
+        else:
+            self._pending_load = (path, loaded, loaded_constraints)
+        return state["extra"]
 
     # ------------------------------------------------------------------ internals
 
@@ -574,7 +668,7 @@ class WakeSleep:
             self.jit
             and self._jit_off is None
             and self._validated
-            and self._adopt is None
+            and self._pending_load is None
             and (trim or not dist_util.is_validation_enabled())
             and torch.is_grad_enabled()
             and not am_i_wrapped()
@@ -673,6 +767,54 @@ class WakeSleep:
                 ).get_trace(*args, **kwargs)
         return model_trace, guide_trace
 
+    def _registered_params(
+        self,
+        args: tuple,
+        kwargs: dict,
+        path: Any,
+        loaded: Dict[str, torch.Tensor],
+        loaded_constraints: Dict[str, Any],
+    ) -> Dict[str, Any]:
+        """
+        One probe run recording the parameters the model and guide register, checked against
+        a checkpoint's. Parameters the run creates are removed again.
+
+        :returns: what was registered, by name (see :class:`checkpoint.RegisteredParams`).
+        :raises CheckpointError: when the checkpoint does not fit.
+        """
+        store = pyro.get_param_store()
+        known = set(store.keys())
+        recorder = checkpoint.RegisteredParams()
+        try:
+            self._probe(args, kwargs, handler=recorder)
+        except Exception as error:
+            # A parameter of the wrong shape typically breaks the run itself.
+            problems = checkpoint.misfits(
+                loaded, loaded_constraints, recorder.registered, complete=False
+            )
+            if problems:
+                raise checkpoint.CheckpointError(
+                    checkpoint.misfit_message(path, problems)
+                ) from error
+            raise
+        finally:
+            for name in set(store.keys()) - known:
+                del store[name]
+        problems = checkpoint.misfits(loaded, loaded_constraints, recorder.registered)
+        if problems:
+            raise checkpoint.CheckpointError(checkpoint.misfit_message(path, problems))
+        return recorder.registered
+
+    def _finish_load(self, args: tuple, kwargs: dict) -> None:
+        """After a :meth:`load` without arguments: check the checkpoint against the model and
+        guide and give their tensors the loaded values (one probe run, drawing nothing)."""
+        if self._pending_load is None:
+            return
+        path, loaded, loaded_constraints = self._pending_load
+        registered = self._registered_params(args, kwargs, path, loaded, loaded_constraints)
+        checkpoint.adopt(loaded, registered)
+        self._pending_load = None
+
     def _probed_params(self, args: tuple, kwargs: dict) -> Dict[str, torch.Tensor]:
         """The unconstrained parameters the model and guide touch, by name (one probe)."""
         params: Dict[str, torch.Tensor] = {}
@@ -692,9 +834,9 @@ class WakeSleep:
     ) -> Optional[_Phases]:
         """:meth:`_run_once` (under the handler that adopts loaded values, after a
         :meth:`load`); with ``skip_nonfinite``, a non-finite step is skipped (returns None)."""
+        self._finish_load(args, kwargs)
         try:
-            with self._adopt or contextlib.nullcontext():
-                return self._run_once(args, kwargs, wake=wake, sleep=sleep, update=update)
+            return self._run_once(args, kwargs, wake=wake, sleep=sleep, update=update)
         except NonFiniteLossError as error:
             if not (self.skip_nonfinite and update):
                 raise
@@ -703,9 +845,6 @@ class WakeSleep:
                 f"Skipped a step (skip_nonfinite=True). {error}", RuntimeWarning, stacklevel=3
             )
             return None
-        finally:
-            if self._adopt is not None and not self._adopt.pending:
-                self._adopt = None
 
     def _run_once(
         self, args: tuple, kwargs: dict, *, wake: bool, sleep: bool, update: bool
@@ -736,6 +875,12 @@ class WakeSleep:
                     synced = True
                     result = self._all_reduce(result, failed=False)
                 self._check_finite(result, args, kwargs)
+                updates = []
+                if wake and result.theta:
+                    updates.append((self.optim, list(result.theta.values())))
+                if sleep and result.phi_params:
+                    updates.append((self.guide_optim, list(result.phi_params.values())))
+                _make_optimizers(updates)
         except BaseException as error:
             if self.distributed and not synced:
                 synced = True
