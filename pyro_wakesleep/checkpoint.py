@@ -36,6 +36,7 @@ import os
 import pickle
 import random
 import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -268,6 +269,24 @@ def remove_stale_temporaries(path: PathLike) -> None:
                 pass
 
 
+def _new_file_mode(path: Path) -> int:
+    """The permissions a plain ``open`` would give ``path``: its own if it exists, else
+    read-write for all less the process's umask (mkstemp's files are private)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        pass
+    umask = 0o022
+    try:
+        with open("/proc/self/status") as status:  # Linux: the umask without changing it
+            for line in status:
+                if line.startswith("Umask:"):
+                    umask = int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o666 & ~umask
+
+
 def atomic_write(path: PathLike, write: Any, mode: str = "wb") -> None:
     """
     Write ``path`` atomically: ``write(file)`` fills a temporary file in the same folder, which
@@ -287,6 +306,7 @@ def atomic_write(path: PathLike, write: Any, mode: str = "wb") -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _new_file_mode(path))
         os.replace(tmp, path)
     except BaseException as error:
         if os.path.exists(tmp):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from pyro_wakesleep.checkpoint import read
 from pyro_wakesleep.cli import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -35,8 +36,13 @@ def rows(folder):
         return list(csv.DictReader(f))
 
 
+def saved(folder):
+    """The run's checkpoint, read as WakeSleep.load reads it."""
+    return read(folder / "checkpoint.pt")
+
+
 def net_state(folder):
-    return torch.load(folder / "checkpoint.pt", weights_only=False)["net"]
+    return saved(folder)["params"]
 
 
 def test_train_writes_checkpoint_metrics_and_figures(tmp_path, capsys):
@@ -55,8 +61,8 @@ def test_train_writes_checkpoint_metrics_and_figures(tmp_path, capsys):
         assert 0 < float(r["wake_theta"]) < 784 * np.log(2) * 2
         assert -784 * np.log(2) * 2 < float(r["test_log_likelihood"]) < 0
         assert float(r["test_stderr"]) >= 0
-    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert checkpoint["epoch"] == 2 and checkpoint["num_steps"] == 60
+    checkpoint = saved(out)
+    assert checkpoint["extra"]["run"]["epoch"] == 2 and checkpoint["num_steps"] == 60
     assert not list(out.glob(".*tmp")), "no temporary file is left behind"
 
 
@@ -120,7 +126,7 @@ def test_bars_reports_exact_kl(tmp_path, capsys):
         "wake",
         "sparse",
     )
-    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    checkpoint = saved(out)
     assert all(k.startswith("helmholtz_") for k in checkpoint["optim"])
     assert main(["train", "--resume", str(out), "--epochs", "3", "--no-progress"]) == 0
     assert [int(r["step"]) for r in rows(out)] == [108, 208, 308]
