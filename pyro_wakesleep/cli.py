@@ -464,12 +464,14 @@ def _device(name: str) -> torch.device:
         raise CommandError(f"--device {name!r} is not a device: {error}") from None
     if device.type == "meta":
         raise CommandError("--device meta holds no values: choose cpu, cuda or cuda:N")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CommandError(f"--device {name} was asked for, but no MPS device is available")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CommandError(f"--device {name} was asked for, but no CUDA device is available")
     try:
         torch.zeros(1, device=device)
     except Exception as error:  # not compiled in, no such device index, no driver, ...
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0].split(". ")[0]
         raise CommandError(f"--device {name} is not available here ({reason})") from None
     return device
 
@@ -684,19 +686,11 @@ def _evaluate(
             log_p = exact_log_likelihood(
                 net.model, images.to(_net_device(net)), max_plate_nesting=1
             ).cpu()
-        nonfinite = int((~torch.isfinite(log_p)).sum())
-        if nonfinite:
-            warnings.warn(
-                f"{nonfinite} of {len(log_p)} bars images have a non-finite exact "
-                "log-likelihood: the model gives them probability 0 (diverged parameters?)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
         return {
             "test_log_likelihood": float((probs * log_p).sum()),
             "test_stderr": 0.0,
             "kl_bits": float(data["bars"].kl_bits(log_p)),
-            "nonfinite": nonfinite,
+            "nonfinite": int((~torch.isfinite(log_p)).sum()),
             "count": len(log_p),
         }
     result = evaluate_dataset(
@@ -713,7 +707,6 @@ def _evaluate(
         # The mean over test points: its standard error combines the per-point errors.
         "test_stderr": float(result.stderr.pow(2).sum().sqrt() / n),
         "kl_bits": float("nan"),
-        # evaluate_dataset warns about these.
         "nonfinite": int((~torch.isfinite(result.log_px)).sum()),
         "count": n,
     }
@@ -1082,6 +1075,8 @@ def _train(
                 }
                 if (epoch + 1) % config["eval_every"] == 0 or epoch + 1 == config["epochs"]:
                     evaluation = _evaluate(net, data, config, config["eval_samples"])
+                    if _nonfinite(evaluation):
+                        warnings.warn(f"epoch {epoch + 1}: {_nonfinite(evaluation)}", stacklevel=2)
                     row.update({k: f"{evaluation[k]:.4f}" for k in METRIC_FIELDS[5:]})
                     bar.write(
                         f"epoch {epoch + 1}: test log-likelihood "
@@ -1107,22 +1102,26 @@ def _train(
         )
         raise CommandError(
             f"training diverged at step {ws.num_steps + 1 if ws else '?'} (epoch {epoch + 1}): "
-            f"{_first_sentences(error)}; start again with a lower learning rate than {lrs} "
-            f"(--overwrite replaces this run); {where()}"
+            f"{_first_sentences(error)}; start again with a lower learning rate than {lrs}"
+            + (" (--overwrite replaces this run)" if saved_epoch else "")
+            + f"; {where()}"
         ) from None
     except ValueError as error:
         if ws is None or isinstance(error, DatasetError):
             raise
         raise CommandError(
-            f"training failed at step {ws.num_steps + 1}: {' '.join(str(error).split())}; "
-            f"{where()}"
+            f"training failed at step {ws.num_steps + 1}: {' '.join(str(error).split())}; {where()}"
         ) from None
+    except OSError as error:  # a file of the run cannot be written (a full disk)
+        raise CommandError(f"{' '.join(str(error).split())}; {where()}") from None
     except KeyboardInterrupt:
         message = f"interrupted in epoch {epoch + 1}; {where()}"
         if saved_epoch:
             message += f": continue with pyro-wakesleep train --resume {folder}"
         raise Interrupted(message) from None
     final = _evaluate(net, data, config, config["final_samples"])
+    if _nonfinite(final):
+        warnings.warn(f"final evaluation: {_nonfinite(final)}", stacklevel=2)
     write_figures(folder, net, data, metrics)
     return {**final, "folder": str(folder), "steps": ws.num_steps, "seconds": time.time() - started}
 
@@ -1167,6 +1166,17 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------- main
+
+
+def _nonfinite(result: Dict[str, Any]) -> str:
+    """What to say of an evaluation with non-finite estimates ('' when all are finite)."""
+    if not result.get("nonfinite"):
+        return ""
+    return (
+        f"{result['nonfinite']} of {result['count']} test points have a non-finite "
+        "log-likelihood estimate (-inf or NaN): the model's parameters give them probability 0 "
+        "or are not numbers (a diverged run?)"
+    )
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -1238,6 +1248,8 @@ def _evaluate_command(args: argparse.Namespace) -> None:
         )
     else:
         print(f"{_result_line(result)} with {args.num_samples} samples")
+    if _nonfinite(result):
+        raise CommandError(_nonfinite(result))
 
 
 def _out_of_memory(error: BaseException) -> bool:

@@ -223,10 +223,19 @@ def _make_optimizers(updates: List[Tuple[PyroOptim, List[torch.Tensor]]]) -> Non
                 grad, p.grad = p.grad, None
                 try:
                     optim([p])  # makes p's optimizer, takes up its loaded state; no gradient
+                except Exception as error:
+                    if pending is None:
+                        raise
+                    raise ValueError(
+                        f"The optimizer state loaded for parameter '{name}' cannot be taken up "
+                        f"({_brief(error)}): it was written by another kind of optimizer? Load "
+                        "it with the optimizer it was saved with. No parameter or optimizer "
+                        "state was changed."
+                    ) from error
                 finally:
                     p.grad = grad
-                if p in optim.optim_objs:
-                    made.append((optim, p, (name, pending)))
+                    if p in optim.optim_objs:
+                        made.append((optim, p, (name, pending)))
                 _check_optimizer_state(optim.optim_objs[p], name)
     except Exception:
         for optim, p, (name, pending) in made:

@@ -337,3 +337,338 @@ def test_skip_nonfinite_skips_a_step_with_a_nan_gradient_and_finite_loss():
     assert (ws.num_steps, ws.num_skipped_steps) == (1, 1)
     ws.step(x, torch.tensor(1.0))
     assert (ws.num_steps, ws.num_skipped_steps) == (2, 1)
+
+
+# ---------------------------------------------------------------- files a user can trust
+
+
+class _RunsCode:
+    """Pickles as a call of exec: a checkpoint crafted to run code when it is unpickled."""
+
+    def __init__(self, marker):
+        self.code = f"open({str(marker)!r}, 'w').close()"
+
+    def __reduce__(self):
+        return (exec, (self.code,))
+
+
+def crafted_checkpoints(folder, marker):
+    """Files that look like checkpoints but run code when unpickled: at the top, inside the
+    parameters, and inside the extra data."""
+    evil = _RunsCode(marker)
+    good = {
+        "format": "pyro-wakesleep/wake-sleep-checkpoint",
+        "version": 2,
+        "params": {"params": {"loc": torch.zeros(())}, "constraints": {"loc": "real"}},
+        "optim": {},
+        "guide_optim": None,
+        "num_steps": 1,
+        "num_skipped_steps": 0,
+        "rng": {},
+        "extra": {},
+    }
+    paths = []
+    for i, variant in enumerate(
+        [
+            evil,
+            {**good, "format": evil},
+            {**good, "params": {"params": {"loc": evil}, "constraints": {"loc": "real"}}},
+            {**good, "extra": {"run": [1, 2, {"x": evil}]}},
+        ]
+    ):
+        path = folder / f"crafted{i}.pt"
+        torch.save(variant, path)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("loader", ["read", "WakeSleep.load"])
+def test_a_crafted_checkpoint_runs_nothing(tmp_path, loader):
+    from pyro_wakesleep import checkpoint
+
+    marker = tmp_path / "marker"
+    ws, _ = _saved(tmp_path)
+    before = store_snapshot()
+    for path in crafted_checkpoints(tmp_path, marker):
+        with pytest.raises(CheckpointError, match="refused.*nothing in it was run"):
+            checkpoint.read(path) if loader == "read" else ws.load(path)
+        assert not marker.exists(), "unpickling a checkpoint ran code"
+    assert_store_equal(before)
+    # The same object unpickled without the safety runs the code: the test would see it.
+    torch.load(crafted_checkpoints(tmp_path, marker)[0], weights_only=False)
+    assert marker.exists()
+
+
+def test_checkpoint_files_hold_plain_data_only(tmp_path):
+    """Every entry a checkpoint holds reads back with weights_only=True: constraints by name,
+    Python's and NumPy's generator states as tensors; all three generators are restored."""
+    import random
+
+    import numpy as np
+
+    from pyro_wakesleep.checkpoint import read
+
+    def model(x):
+        pyro.param("scale", torch.ones(3), constraint=dist.constraints.positive)
+        pyro.param("p", torch.full((3,), 0.5), constraint=dist.constraints.interval(0.0, 2.0))
+        pyro.param("low", torch.ones(2) * 3, constraint=dist.constraints.greater_than(1.0))
+        pyro.param("w", torch.ones(3) / 3, constraint=dist.constraints.simplex)
+        pyro.param("L", torch.eye(2), constraint=dist.constraints.lower_cholesky)
+        pyro.param("v", torch.ones(2, 3), constraint=dist.constraints.independent(
+            dist.constraints.positive, 1))
+        loc = pyro.param("loc", torch.zeros(()))
+        pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+    ws = WakeSleep(model, lambda x: None, pyro.optim.Adam({"lr": 0.1}))
+    ws.step(torch.tensor(1.0))
+    random.seed(3)
+    np.random.seed(4)
+    ws.save(tmp_path / "c.pt", extra={"epoch": 2, "order": torch.Generator().get_state()})
+    state = (random.random(), np.random.rand(), torch.rand(()))
+    raw = torch.load(tmp_path / "c.pt", weights_only=True)  # plain data, or this raises
+    assert raw["params"]["constraints"]["scale"] == "positive"
+    assert raw["params"]["constraints"]["p"] == {
+        "name": "interval",
+        "lower_bound": 0.0,
+        "upper_bound": 2.0,
+    }
+    values = {n: pyro.param(n).detach().clone() for n in pyro.get_param_store().keys()}
+    pyro.clear_param_store()
+    extra = ws.load(tmp_path / "c.pt")
+    assert extra["epoch"] == 2 and extra["order"].dtype == torch.uint8
+    assert (random.random(), np.random.rand(), torch.rand(())) == state
+    store = pyro.get_param_store()
+    for name, value in values.items():
+        assert torch.equal(pyro.param(name).detach(), value), name
+    assert type(store._constraints["w"]) is type(dist.constraints.simplex)
+    assert store._constraints["low"].lower_bound == 1.0
+    assert read(tmp_path / "c.pt")["num_steps"] == 1
+
+
+def test_what_is_not_plain_data_is_refused_when_saving(tmp_path):
+    # A constraint the checkpoint cannot name (stack is not stored by name).
+    odd = dist.constraints.stack([dist.constraints.positive, dist.constraints.real])
+
+    def model(x):
+        pyro.param("a", torch.ones(2), constraint=odd)
+        pyro.sample("x", dist.Normal(0.0, 1.0), obs=x)
+
+    pyro.param("a", torch.ones(2), constraint=odd)
+    ws = WakeSleep(model, lambda x: None, pyro.optim.Adam({"lr": 0.1}))
+    with pytest.raises(TypeError, match="parameter 'a'.*cannot store the constraint"):
+        ws.save(tmp_path / "c.pt")
+    pyro.clear_param_store()
+    with pytest.raises(TypeError, match=r"extra\['when'\] is a datetime.date"):
+        import datetime
+
+        ws.save(tmp_path / "c.pt", extra={"when": datetime.date.today()})
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_unreadable_malformed_and_older_files_say_what_they_are(tmp_path, monkeypatch):
+    from pyro_wakesleep import checkpoint
+
+    ws, path = _saved(tmp_path)
+    before = store_snapshot()
+    raw = torch.load(path, weights_only=True)
+
+    def variant(name, **changes):
+        out = tmp_path / name
+        torch.save({**raw, **changes}, out)
+        return out
+
+    with pytest.raises(CheckpointError, match="missing or malformed.*num_steps"):
+        ws.load(variant("negative.pt", num_steps=-1))
+    with pytest.raises(CheckpointError, match="missing or malformed.*optim"):
+        ws.load(variant("optim.pt", optim=[1, 2]))
+    no_rng = {k: v for k, v in raw.items() if k != "rng"}
+    torch.save(no_rng, tmp_path / "no_rng.pt")
+    with pytest.raises(CheckpointError, match="missing or malformed.*rng"):
+        ws.load(tmp_path / "no_rng.pt")
+    bad_rng = {**raw["rng"], "torch": torch.zeros(3, dtype=torch.uint8)}
+    rng = torch.get_rng_state()
+    with pytest.raises(CheckpointError, match="malformed random generator state"):
+        ws.load(variant("bad_rng.pt", rng=bad_rng))
+    assert torch.equal(torch.get_rng_state(), rng)  # all generators restored, or none
+    with pytest.raises(CheckpointError, match="version 1, this pyro-wakesleep reads version 2"):
+        ws.load(variant("v1.pt", version=1))
+    torch.save({"format": "pyro-wakesleep-checkpoint-1", "net": {}}, tmp_path / "cli.pt")
+    with pytest.raises(CheckpointError, match="not a WakeSleep checkpoint"):
+        ws.load(tmp_path / "cli.pt")
+    (tmp_path / "folder.pt").mkdir()
+    with pytest.raises(CheckpointError, match="not a file"):
+        ws.load(tmp_path / "folder.pt")
+
+    # A file that cannot be opened is said to be so (tests run as root: simulate it).
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoint, "open", refuse, raising=False)
+    with pytest.raises(CheckpointError, match=r"cannot be read \(Permission denied\)") as info:
+        ws.load(path)
+    assert "corrupt" not in str(info.value)
+    assert_store_equal(before)
+    assert ws.num_steps == 1
+
+
+def _helmholtz(sizes, seed):
+    from pyro_wakesleep.models import HelmholtzMachine
+
+    torch.manual_seed(seed)
+    return HelmholtzMachine(sizes)
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    """[784, 8] into [784, 16]: refused naming the parameters, with the store unchanged, at
+    once when load gets a batch, else at the next step (and every one after)."""
+    x = torch.bernoulli(torch.full((4, 784), 0.3))
+    small = _helmholtz([784, 8], 0)
+    ws = WakeSleep(small.model, small.guide, pyro.optim.Adam({"lr": 0.1}))
+    ws.step(x)
+    ws.save(tmp_path / "small.pt")
+    pyro.clear_param_store()
+
+    big = _helmholtz([784, 16], 1)
+    fresh = {n: p.detach().clone() for n, p in big.named_parameters()}
+    ws = WakeSleep(big.model, big.guide, pyro.optim.Adam({"lr": 0.1}))
+    with pytest.raises(CheckpointError, match=r"shape \(8,\) in the checkpoint and \(16,\)"):
+        ws.load(tmp_path / "small.pt", x)
+    assert list(pyro.get_param_store().keys()) == []
+    assert ws.num_steps == 0
+
+    ws.load(tmp_path / "small.pt")  # no batch: checked at the next step
+    before = store_snapshot()
+    for _ in range(2):
+        with pytest.raises(CheckpointError, match="does not fit.*helmholtz_generative"):
+            ws.step(x)
+        assert_store_equal(before)
+    for name, p in big.named_parameters():
+        assert torch.equal(p, fresh[name]), name  # the module never took a wrong value
+
+    # The model registers the same shapes but the checkpoint holds a name it never does.
+    pyro.clear_param_store()
+    same = _helmholtz([784, 8], 2)
+
+    def model(x):
+        pyro.param("extra", torch.zeros(2))
+        same.model(x)
+
+    ws = WakeSleep(model, same.guide, pyro.optim.Adam({"lr": 0.1}))
+    ws.step(x)
+    ws.save(tmp_path / "extra.pt")
+    pyro.clear_param_store()
+    ws = WakeSleep(same.model, same.guide, pyro.optim.Adam({"lr": 0.1}))
+    with pytest.raises(CheckpointError, match="'extra' is saved but never registered"):
+        ws.load(tmp_path / "extra.pt", x)
+    # ... and one the model registers but the checkpoint lacks.
+    pyro.clear_param_store()
+    ws = WakeSleep(model, same.guide, pyro.optim.Adam({"lr": 0.1}))
+    with pytest.raises(CheckpointError, match="'extra' is registered .* but not saved"):
+        ws.load(tmp_path / "small.pt", x)
+
+
+def test_load_into_a_live_run_restores_the_optimizer_state(tmp_path):
+    """Loading into a WakeSleep whose optimizers already hold state for the same tensors: the
+    loaded state replaces theirs, so the steps after the load repeat the steps after the save."""
+    x = torch.bernoulli(torch.full((6, 16), 0.3))
+    hm = _helmholtz([16, 4], 0)
+    ws = WakeSleep(hm.model, hm.guide, pyro.optim.Adam({"lr": 0.05}))
+    for _ in range(3):
+        ws.step(x)
+    ws.save(tmp_path / "c.pt")
+    first = [ws.step(x) for _ in range(3)]
+    after = store_snapshot()
+    ws.load(tmp_path / "c.pt")
+    assert [ws.step(x) for _ in range(3)] == first
+    assert_store_equal(after)
+
+
+def test_an_optimizer_failing_on_creation_changes_nothing():
+    """The guide's optimizer raises when first made (a negative learning rate): the model's
+    parameters, gradients and optimizer stay as they were."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 3)
+    optim = pyro.optim.Adam({"lr": 0.1})
+    ws = WakeSleep(_model, _guide, optim, guide_optim=pyro.optim.Adam({"lr": -1.0}))
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        ws.step(x)
+    params = store_snapshot()
+    assert set(params) == set()  # the parameters the failed step created are gone again
+    assert optim.get_state() == {}
+    ws.wake_step(x)  # the model's optimizer alone is fine
+    before = store_snapshot()
+    state = optim.get_state()
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        ws.step(x)
+    assert_store_equal(before)
+    assert all(pyro.param(n).unconstrained().grad is None for n in before)
+    assert optim.get_state().keys() == state.keys()
+    assert ws.num_steps == 1
+
+
+def test_an_optimizer_state_of_another_optimizer_is_refused(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(5, 3)
+    ws = WakeSleep(_model, _guide, pyro.optim.SGD({"lr": 0.1, "momentum": 0.9}))
+    ws.step(x)
+    ws.save(tmp_path / "sgd.pt")
+    pyro.clear_param_store()
+    adam = pyro.optim.Adam({"lr": 0.1})
+    ws = WakeSleep(_model, _guide, adam)
+    ws.load(tmp_path / "sgd.pt", x)
+    before = store_snapshot()
+    with pytest.raises(ValueError, match="loaded for parameter .*another kind of optimizer"):
+        ws.step(x)
+    assert_store_equal(before)
+    assert adam.get_state() == {}
+    with pytest.raises(ValueError, match="another kind of optimizer"):
+        ws.step(x)  # the loaded state still waits, and is still refused
+
+
+def test_the_next_save_removes_temporary_files_of_killed_writers(tmp_path):
+    import socket
+
+    path = tmp_path / "c.pt"
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = [f".c.pt.{dead}@{host}.abc123.tmp", ".c.pt.oldstyle1.tmp", f".c.pt.1@{host}x.q.tmp"]
+    alive = f".c.pt.{os.getppid()}@{host}.def456.tmp"  # a live writer's: kept
+    for name in [*stale, alive, ".other.pt.zzz.tmp"]:
+        (tmp_path / name).write_bytes(b"partial")
+    atomic_save({"a": torch.ones(3)}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["c.pt", alive, ".other.pt.zzz.tmp"]
+    )
+
+
+FULL_DISK = textwrap.dedent(
+    """
+    import resource, signal, sys, torch
+    from pyro_wakesleep.checkpoint import atomic_save
+    path = sys.argv[1]
+    atomic_save({"small": torch.zeros(10)}, path)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+    try:
+        atomic_save({"big": torch.zeros(100_000)}, path)
+    except OSError as error:
+        print(error)
+        sys.exit(3)
+    """
+)
+
+
+def test_a_full_disk_raises_oserror_naming_the_file_and_keeps_the_previous_one(tmp_path):
+    resource = pytest.importorskip("resource")
+    assert resource
+    script = tmp_path / "full.py"
+    script.write_text(FULL_DISK)
+    path = tmp_path / "c.pt"
+    result = subprocess.run(
+        [sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 3, result.stderr
+    assert f"{path}: cannot be written" in result.stdout
+    assert torch.load(path, weights_only=True)["small"].shape == (10,)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "full.py"]
