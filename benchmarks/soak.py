@@ -135,7 +135,10 @@ def main() -> None:
     curves = [
         (out / n / "losses.txt").read_text().splitlines() for n in ("interrupted", "uninterrupted")
     ]
-    finals = [torch.load(out / n / "final.pt") for n in ("interrupted", "uninterrupted")]
+    finals = [
+        torch.load(out / n / "final.pt", weights_only=True)
+        for n in ("interrupted", "uninterrupted")
+    ]
     same_params = finals[0].keys() == finals[1].keys() and all(
         torch.equal(finals[0][k], finals[1][k]) for k in finals[0]
     )

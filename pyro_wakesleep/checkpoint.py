@@ -50,6 +50,8 @@ from torch.distributions import transform_to
 
 FORMAT = "pyro-wakesleep/wake-sleep-checkpoint"
 VERSION = 2
+# The command's own checkpoint format in pyro-wakesleep 0.1.0, refused with its own message.
+_COMMAND_FORMAT_1 = "pyro-wakesleep-checkpoint-1"
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -379,6 +381,12 @@ def read(path: PathLike) -> Dict[str, Any]:
             f"{path}: cannot be read as a checkpoint; the file is truncated, corrupt or of "
             f"another format ({type(error).__name__}: {str(error).splitlines()[0]})"
         ) from error
+    if isinstance(checkpoint, dict) and checkpoint.get("format") == _COMMAND_FORMAT_1:
+        raise CheckpointError(
+            f"{path}: written by the pyro-wakesleep 0.1.0 command in its own former format, "
+            "which is no longer read (the command now saves WakeSleep checkpoints): train the "
+            "run again"
+        )
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise CheckpointError(
             f"{path}: not a WakeSleep checkpoint (written by WakeSleep.save); it holds "

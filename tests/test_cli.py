@@ -156,6 +156,19 @@ def test_lr_decay_schedule():
         (["train", "--phi-objective", "2"], "--phi-objective"),
         (["train", "--layers", "100,10"], "784"),
         (["train", "--resume", "/nonexistent-run"], "/nonexistent-run"),
+        (["train", "--resume", "/nonexistent-run", "--overwrite"], "--overwrite"),
+        (["train", "--hidden", "0"], "--hidden"),
+        (["train", "--seed", "-1"], "--seed"),
+        (["train", "--seed", str(2**70)], "--seed"),
+        (["train", "--lr", "3e38"], "--lr"),
+        (["train", "--guide-lr", "nan"], "--guide-lr"),
+        (["train", "--device", "meta"], "meta"),
+        (["train", "--device", "nodevice"], "nodevice"),
+        pytest.param(
+            ["train", "--device", "mps"],
+            "mps",
+            marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="MPS present"),
+        ),
         (["evaluate", "/nonexistent-run"], "/nonexistent-run"),
         (
             ["train", "--device", "cuda:0"]
@@ -181,7 +194,7 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, argv, fragment):
         text=True,
         timeout=300,
     )
-    assert result.returncode != 0
+    assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr

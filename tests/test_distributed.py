@@ -31,7 +31,7 @@ def _spawn(tmp_path, *options):
     dump = tmp_path / "params"
     command = [sys.executable, str(EXAMPLE), "--spawn", "2", "--dump", str(dump), *options]
     subprocess.run(command, check=True, timeout=300, cwd=tmp_path)
-    return [torch.load(f"{dump}.rank{r}") for r in range(2)]
+    return [torch.load(f"{dump}.rank{r}", weights_only=True) for r in range(2)]
 
 
 @pytest.mark.parametrize("engine", ["wakesleep", "ddp"])
@@ -136,7 +136,7 @@ def test_a_failure_on_one_process_raises_on_every_process(tmp_path):
     torch.multiprocessing.spawn(
         _failing_worker, args=(2, _example()._free_port(), str(out)), nprocs=2, join=True
     )
-    results = [torch.load(f"{out}.rank{r}") for r in range(2)]
+    results = [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(2)]
     assert "'x'" in results[1]["raised"]  # the process with the NaN names the site
     assert "another process failed" in results[0]["raised"]
     for result in results:
