@@ -196,19 +196,23 @@ def _item(loss: Optional[torch.Tensor]) -> float:
     return float("nan") if loss is None else loss.detach().item()
 
 
-def _make_optimizers(updates: List[Tuple[PyroOptim, List[torch.Tensor]]]) -> None:
+_Made = List[Tuple[PyroOptim, torch.Tensor, Optional[str], Any]]
+
+
+def _make_optimizers(updates: List[Tuple[PyroOptim, List[torch.Tensor]]]) -> _Made:
     """
     Make the torch optimizers that an update is about to need, before any update: PyroOptim
     makes one per parameter the first time it steps it, so a constructor that raises (an
     invalid learning rate, say) or a loaded state written by another optimizer would otherwise
     fail half-way, after other parameters were updated. Made with the gradients set aside, so
-    that nothing is stepped; on failure the optimizers made here are dropped again and the
-    loaded states they took up wait as before.
+    that nothing is stepped; on failure the optimizers made here are dropped again
+    (:func:`_drop_optimizers`) and the loaded states they took up wait as before.
 
     :param updates: ``(optimizer, parameters)`` pairs.
+    :returns: what was made, for :func:`_drop_optimizers` should the step fail later.
     :raises ValueError: naming the parameter whose loaded optimizer state does not fit.
     """
-    made: List[Tuple[PyroOptim, torch.Tensor, Any]] = []
+    made: _Made = []
     try:
         for optim, params in updates:
             new = [p for p in params if p not in optim.optim_objs]
@@ -235,15 +239,21 @@ def _make_optimizers(updates: List[Tuple[PyroOptim, List[torch.Tensor]]]) -> Non
                 finally:
                     p.grad = grad
                     if p in optim.optim_objs:
-                        made.append((optim, p, (name, pending)))
+                        made.append((optim, p, name, pending))
                 _check_optimizer_state(optim.optim_objs[p], name)
     except Exception:
-        for optim, p, (name, pending) in made:
-            optim.optim_objs.pop(p, None)
-            optim.grad_clip.pop(p, None)
-            if pending is not None:
-                optim.set_state({name: pending})
+        _drop_optimizers(made)
         raise
+    return made
+
+
+def _drop_optimizers(made: _Made) -> None:
+    """Undo :func:`_make_optimizers`: the optimizers go, their loaded states wait again."""
+    for optim, p, name, pending in made:
+        optim.optim_objs.pop(p, None)
+        optim.grad_clip.pop(p, None)
+        if pending is not None:
+            optim.set_state({name: pending})
 
 
 def _check_optimizer_state(optimizer: Any, name: Optional[str]) -> None:
@@ -841,8 +851,8 @@ class WakeSleep:
     def _run(
         self, args: tuple, kwargs: dict, *, wake: bool, sleep: bool, update: bool
     ) -> Optional[_Phases]:
-        """:meth:`_run_once` (under the handler that adopts loaded values, after a
-        :meth:`load`); with ``skip_nonfinite``, a non-finite step is skipped (returns None)."""
+        """:meth:`_run_once`, after finishing a :meth:`load` made without arguments; with
+        ``skip_nonfinite``, a non-finite step is skipped (returns None)."""
         self._finish_load(args, kwargs)
         try:
             return self._run_once(args, kwargs, wake=wake, sleep=sleep, update=update)
@@ -866,6 +876,7 @@ class WakeSleep:
         store = pyro.get_param_store()
         known = set(store.keys())
         result = None
+        made: _Made = []
         trim = self._trim_validation()
         synced = False
         try:
@@ -880,17 +891,20 @@ class WakeSleep:
                 loss = sum(x for x in (result.wake_theta, result.phi) if x is not None)
                 if isinstance(loss, torch.Tensor) and loss.requires_grad:
                     loss.backward()
-                if self.distributed:
-                    synced = True
-                    result = self._all_reduce(result, failed=False)
-                self._check_finite(result, args, kwargs)
                 updates = []
                 if wake and result.theta:
                     updates.append((self.optim, list(result.theta.values())))
                 if sleep and result.phi_params:
                     updates.append((self.guide_optim, list(result.phi_params.values())))
-                _make_optimizers(updates)
+                # Before the sync, so that a failure is every process's; dropped again if
+                # the step fails later.
+                made = _make_optimizers(updates)
+                if self.distributed:
+                    synced = True
+                    result = self._all_reduce(result, failed=False)
+                self._check_finite(result, args, kwargs)
         except BaseException as error:
+            _drop_optimizers(made)
             if self.distributed and not synced:
                 synced = True
                 try:
