@@ -15,45 +15,28 @@ other Python object and calls no function named in the file, so a crafted file c
 but cannot run code. Version 1 files (pyro-wakesleep 0.1.0, which pickled constraint objects
 and NumPy arrays) are refused for that reason.
 
-**Atomic writes.** :func:`atomic_save` writes to a temporary file in the same folder, flushes it
-to disk, then renames it over the target, so a process killed while writing leaves the previous
-checkpoint intact; the next successful write removes the temporary files that killed writers
-left behind.
-
-**Loading into freshly built modules.** ``pyro.module`` (with its default
-``update_module_params=False``) keeps a module's own fresh tensors and ignores values already
-in the parameter store. :meth:`WakeSleep.load` therefore does not stop at filling the store:
-one run of the model and guide (:class:`RegisteredParams` records what they register) is
-checked against the checkpoint - same names, same shapes, or :class:`CheckpointError` naming
-the parameters - and :func:`adopt` then copies each loaded value into the tensor registered
-under its name, so that the module computes with the loaded values and the optimizer state
-attaches to the tensor that is actually trained.
+Checkpoints are written atomically (:mod:`pyro_wakesleep.files`), and loaded into freshly
+built modules once they are known to fit them (:mod:`pyro_wakesleep.adopt`).
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import socket
-import stat
-import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import pyro
 import torch
 from pyro.distributions import constraints
-from pyro.poutine.messenger import Messenger
-from torch.distributions import transform_to
+
+from .files import PathLike
 
 FORMAT = "pyro-wakesleep/wake-sleep-checkpoint"
 VERSION = 2
 # The command's own checkpoint format in pyro-wakesleep 0.1.0, refused with its own message.
 _COMMAND_FORMAT_1 = "pyro-wakesleep-checkpoint-1"
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 class CheckpointError(RuntimeError):
@@ -231,109 +214,6 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ------------------------------------------------------------------------- files
-
-
-def _temporary_prefix(path: Path) -> str:
-    """``.NAME.`` for every temporary file of ``path``; ``.NAME.PID@HOST.`` for this process's."""
-    return f".{path.name}."
-
-
-def _owner_alive(name: str, prefix: str) -> bool:
-    """Whether the temporary file ``name`` belongs to a live process of this machine."""
-    owner = name[len(prefix) :].rsplit(".", 2)[0]  # PID@HOST of PID@HOST.RANDOM.tmp
-    pid, _, host = owner.partition("@")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temporaries(path: PathLike) -> None:
-    """Remove the temporary files that writers of ``path`` killed mid-write left behind (those of
-    live processes on this machine stay)."""
-    path = Path(path)
-    prefix = _temporary_prefix(path)
-    try:
-        names = os.listdir(path.parent)
-    except OSError:
-        return
-    for name in names:
-        if name.startswith(prefix) and name.endswith(".tmp") and not _owner_alive(name, prefix):
-            try:
-                os.unlink(path.parent / name)
-            except OSError:
-                pass
-
-
-def _new_file_mode(path: Path) -> int:
-    """The permissions a plain ``open`` would give ``path``: its own if it exists, else
-    read-write for all less the process's umask (mkstemp's files are private)."""
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        pass
-    umask = 0o022
-    try:
-        with open("/proc/self/status") as status:  # Linux: the umask without changing it
-            for line in status:
-                if line.startswith("Umask:"):
-                    umask = int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o666 & ~umask
-
-
-def atomic_write(path: PathLike, write: Any, mode: str = "wb") -> None:
-    """
-    Write ``path`` atomically: ``write(file)`` fills a temporary file in the same folder, which
-    is flushed, synced, then renamed over ``path``. A failure leaves ``path`` as it was and
-    raises ``OSError`` naming it; a success also removes temporary files of ``path`` left by
-    killed writers.
-
-    :param path: the target file.
-    :param write: a function of the open temporary file.
-    :param mode: ``"wb"`` or ``"w"``.
-    """
-    path = Path(path)
-    prefix = f"{_temporary_prefix(path)}{os.getpid()}@{socket.gethostname()}."
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _new_file_mode(path))
-        os.replace(tmp, path)
-    except BaseException as error:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(error, OSError):
-            raise OSError(f"{path}: cannot be written ({error.strerror or error})") from error
-        if isinstance(error, RuntimeError):  # torch's writer reports a full disk this way
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise OSError(f"{path}: cannot be written ({reason}); is the disk full?") from error
-        raise
-    remove_stale_temporaries(path)
-
-
-def atomic_save(obj: Any, path: PathLike) -> None:
-    """
-    :func:`torch.save` ``obj`` to ``path`` atomically (see :func:`atomic_write`).
-
-    :param obj: what to save.
-    :param path: the target file.
-    :raises OSError: naming the file, when it cannot be written (a full disk, say); the
-        previous file is then unchanged.
-    """
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
 def _unsafe_globals(path: Path) -> str:
     find = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
     try:
@@ -494,103 +374,3 @@ def state(
         "rng": rng_state(),
         "extra": extra,
     }
-
-
-# ------------------------------------------------------------------------- model fit
-
-
-class RegisteredParams(Messenger):
-    """
-    Record the parameters a run of the model and guide registers: for each name its initial
-    tensor (``None`` for a callable or absent one) and its constraint. Changes nothing.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.registered: Dict[str, Tuple[Optional[torch.Tensor], constraints.Constraint]] = {}
-
-    def _pyro_param(self, msg: dict) -> None:
-        # pyro.param sends args (name, init_tensor) and kwargs {constraint, event_dim}.
-        args = msg["args"]
-        init = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None
-        constraint = msg["kwargs"].get("constraint", constraints.real)
-        self.registered.setdefault(msg["name"], (init, constraint))
-
-
-def _loaded_shape(value: torch.Tensor, constraint: constraints.Constraint) -> torch.Size:
-    """The constrained shape of an unconstrained value."""
-    try:
-        return torch.Size(transform_to(constraint).forward_shape(value.shape))
-    except Exception:
-        with torch.no_grad():
-            return transform_to(constraint)(value).shape
-
-
-def misfits(
-    loaded: Dict[str, torch.Tensor],
-    loaded_constraints: Dict[str, constraints.Constraint],
-    registered: Dict[str, Tuple[Optional[torch.Tensor], constraints.Constraint]],
-    complete: bool = True,
-) -> List[str]:
-    """
-    How a checkpoint's parameters and those a run of the model and guide registered disagree:
-    a shape that differs, a loaded name never registered, a registered name not loaded (the
-    last two only for a ``complete`` run).
-
-    :returns: one phrase per problem; empty when the checkpoint fits.
-    """
-    problems = []
-    for name, (init, _) in registered.items():
-        if name not in loaded:
-            if complete:
-                problems.append(f"'{name}' is registered by the model or guide but not saved")
-            continue
-        if init is None:
-            continue
-        shape = _loaded_shape(loaded[name], loaded_constraints[name])
-        if tuple(init.shape) != tuple(shape):
-            problems.append(
-                f"'{name}' has shape {tuple(shape)} in the checkpoint and {tuple(init.shape)} "
-                "in the model or guide"
-            )
-    if complete:
-        problems += [
-            f"'{name}' is saved but never registered by the model or guide"
-            for name in loaded
-            if name not in registered
-        ]
-    return problems
-
-
-def misfit_message(path: PathLike, problems: List[str]) -> str:
-    shown = "; ".join(problems[:6])
-    if len(problems) > 6:
-        shown += f"; and {len(problems) - 6} more"
-    return (
-        f"{path}: does not fit this model and guide: {shown}. Nothing was loaded into them; "
-        "build them as they were when the checkpoint was saved (the same sizes and names)"
-    )
-
-
-def adopt(
-    loaded: Dict[str, torch.Tensor],
-    registered: Dict[str, Tuple[Optional[torch.Tensor], constraints.Constraint]],
-) -> None:
-    """
-    Make the tensors the model and guide register hold the loaded values: each unconstrained
-    registered tensor (a module's parameter, say) that is not the loaded tensor itself gets a
-    copy of the loaded value and becomes the store's entry. Constrained ``pyro.param`` sites
-    need nothing: Pyro returns the stored value.
-    """
-    store = pyro.get_param_store()
-    for name, (init, constraint) in registered.items():
-        if name not in loaded or init is None or constraint is not constraints.real:
-            continue
-        current = store.get_param(name).unconstrained() if name in store else None
-        if current is init or init.shape != loaded[name].shape:
-            continue
-        with torch.no_grad():
-            init.copy_(loaded[name])
-        if name in store:
-            del store[name]
-        store.setdefault(name, init)

@@ -24,8 +24,9 @@ from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import am_i_wrapped
 
-from . import checkpoint, jit, objectives
+from . import adopt, checkpoint, jit, objectives
 from .fantasies import FantasyArgsFn, draw_fantasy, guide_arguments, takes_observations
+from .files import atomic_save
 from .objectives import PARTICLE_PLATE, sample_sites
 
 
@@ -581,7 +582,7 @@ class WakeSleep:
         state = checkpoint.state(
             optim_state, guide_state, self.num_steps, self.num_skipped_steps, extra
         )
-        checkpoint.atomic_save(state, path)
+        atomic_save(state, path)
 
     def load(self, path: Union[str, os.PathLike[str]], *args: Any, **kwargs: Any) -> Dict[str, Any]:
         """
@@ -623,12 +624,12 @@ class WakeSleep:
             for name in store.keys()
             if name in loaded
         }
-        problems = checkpoint.misfits(loaded, loaded_constraints, present, complete=False)
+        problems = adopt.misfits(loaded, loaded_constraints, present, complete=False)
         registered = None
         if not problems and (args or kwargs):
             registered = self._registered_params(args, kwargs, path, loaded, loaded_constraints)
         if problems:
-            raise checkpoint.CheckpointError(checkpoint.misfit_message(path, problems))
+            raise checkpoint.CheckpointError(adopt.misfit_message(path, problems))
         try:
             checkpoint.set_rng_state(state["rng"])
         except ValueError as error:
@@ -649,7 +650,7 @@ class WakeSleep:
         self.num_skipped_steps = state["num_skipped_steps"]
         self._recordings.clear()
         if registered is not None:
-            checkpoint.adopt(loaded, registered)
+            adopt.adopt(loaded, registered)
             self._pending_load = None
         else:
             self._pending_load = (path, loaded, loaded_constraints)
@@ -798,30 +799,28 @@ class WakeSleep:
         One probe run recording the parameters the model and guide register, checked against
         a checkpoint's. Parameters the run creates are removed again.
 
-        :returns: what was registered, by name (see :class:`checkpoint.RegisteredParams`).
+        :returns: what was registered, by name (see :class:`adopt.RegisteredParams`).
         :raises CheckpointError: when the checkpoint does not fit.
         """
         store = pyro.get_param_store()
         known = set(store.keys())
-        recorder = checkpoint.RegisteredParams()
+        recorder = adopt.RegisteredParams()
         try:
             self._probe(args, kwargs, handler=recorder)
         except Exception as error:
             # A parameter of the wrong shape typically breaks the run itself.
-            problems = checkpoint.misfits(
+            problems = adopt.misfits(
                 loaded, loaded_constraints, recorder.registered, complete=False
             )
             if problems:
-                raise checkpoint.CheckpointError(
-                    checkpoint.misfit_message(path, problems)
-                ) from error
+                raise checkpoint.CheckpointError(adopt.misfit_message(path, problems)) from error
             raise
         finally:
             for name in set(store.keys()) - known:
                 del store[name]
-        problems = checkpoint.misfits(loaded, loaded_constraints, recorder.registered)
+        problems = adopt.misfits(loaded, loaded_constraints, recorder.registered)
         if problems:
-            raise checkpoint.CheckpointError(checkpoint.misfit_message(path, problems))
+            raise checkpoint.CheckpointError(adopt.misfit_message(path, problems))
         return recorder.registered
 
     def _finish_load(self, args: tuple, kwargs: dict) -> None:
@@ -831,7 +830,7 @@ class WakeSleep:
             return
         path, loaded, loaded_constraints = self._pending_load
         registered = self._registered_params(args, kwargs, path, loaded, loaded_constraints)
-        checkpoint.adopt(loaded, registered)
+        adopt.adopt(loaded, registered)
         self._pending_load = None
 
     def _probed_params(self, args: tuple, kwargs: dict) -> Dict[str, torch.Tensor]:

@@ -17,7 +17,8 @@ import torch
 from conftest import assert_store_equal, store_snapshot
 
 from pyro_wakesleep import WakeSleep
-from pyro_wakesleep.checkpoint import CheckpointError, atomic_save
+from pyro_wakesleep.checkpoint import CheckpointError
+from pyro_wakesleep.files import atomic_save
 
 # A training script run in fresh processes: "full" trains 20 steps, "first" trains 10 and
 # saves, "resume" builds everything afresh (a different init seed, so nothing matches by
@@ -652,7 +653,7 @@ def test_the_next_save_removes_temporary_files_of_killed_writers(tmp_path):
 FULL_DISK = textwrap.dedent(
     """
     import resource, signal, sys, torch
-    from pyro_wakesleep.checkpoint import atomic_save
+    from pyro_wakesleep.files import atomic_save
     path = sys.argv[1]
     atomic_save({"small": torch.zeros(10)}, path)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
