@@ -121,10 +121,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     try:
         train(rank, world, args)
     finally:
-        _shut_down()
+        shut_down()
 
 
-def _shut_down() -> None:
+def shut_down() -> None:
     """Meet the other processes, then close the group: a process that tears down its gloo
     connections while a peer is still using them can abort it."""
     try:
@@ -133,7 +133,7 @@ def _shut_down() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -143,7 +143,7 @@ def main(argv=None) -> None:
     args = parse(argv)
     if args.spawn:
         torch.multiprocessing.spawn(
-            _worker, args=(args.spawn, _free_port(), args), nprocs=args.spawn, join=True
+            _worker, args=(args.spawn, free_port(), args), nprocs=args.spawn, join=True
         )
         return
     # Launched by torchrun: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT are in the environment.
@@ -155,7 +155,7 @@ def main(argv=None) -> None:
     try:
         train(rank, world, args)
     finally:
-        _shut_down()
+        shut_down()
 
 
 if __name__ == "__main__":

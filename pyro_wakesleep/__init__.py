@@ -8,6 +8,7 @@ pyro-wakesleep: wake-sleep and reweighted wake-sleep inference for any Pyro mode
 
 from . import datasets, models
 from .checkpoint import CheckpointError
+from .checks import NonFiniteLossError
 from .evaluate import (
     LogLikelihood,
     evaluate_dataset,
@@ -15,8 +16,10 @@ from .evaluate import (
     importance_log_likelihood,
 )
 from .fantasies import FantasyError, draw_fantasy, fantasy_observations, guide_arguments
+from .loss import WakeSleepLoss, WakeSleepPhases
 from .module import WakeSleepModule
-from .wake_sleep import NonFiniteLossError, WakeSleep, WakeSleepLosses
+from .objectives import PhiObjective
+from .wake_sleep import WakeSleep, WakeSleepLosses
 
 __version__ = "0.1.0"
 
@@ -30,9 +33,12 @@ __all__ = [
     "CheckpointError",
     "FantasyError",
     "NonFiniteLossError",
+    "PhiObjective",
     "WakeSleep",
+    "WakeSleepLoss",
     "WakeSleepLosses",
     "WakeSleepModule",
+    "WakeSleepPhases",
     "draw_fantasy",
     "fantasy_observations",
     "guide_arguments",

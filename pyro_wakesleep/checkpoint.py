@@ -1,19 +1,21 @@
 """
-Checkpoints of a :class:`~pyro_wakesleep.WakeSleep` run: :meth:`WakeSleep.save` and
-:meth:`WakeSleep.load`.
+Checkpoints of a :class:`~pyro_wakesleep.WakeSleep` run: the checkpoint layer behind
+:meth:`WakeSleep.save` and :meth:`WakeSleep.load` (:func:`save`, :func:`load`, and the
+:class:`PendingLoad` that a load without arguments leaves for the next step).
 
 A checkpoint holds Pyro's parameter store, the states of both optimizers, the step counts,
 the random number generator states (torch, CUDA, Python, NumPy) and any plain data the caller
 adds (``extra``: an epoch count, a data-order generator, a configuration), so that a resumed run
 draws the same samples as an uninterrupted one.
 
-**Plain data only.** A checkpoint holds tensors, numbers, strings, ``None`` and lists, tuples
-and dicts of them, nothing else: a parameter's constraint is stored by name (``"positive"``,
-``{"name": "interval", "lower_bound": 0.0, "upper_bound": 1.0}``), NumPy's generator state as a
-tensor. It is read with ``torch.load(..., weights_only=True)``, whose unpickler builds no
-other Python object and calls no function named in the file, so a crafted file can fail to load
-but cannot run code. Version 1 files (pyro-wakesleep 0.1.0, which pickled constraint objects
-and NumPy arrays) are refused for that reason.
+**Plain data only** (:mod:`pyro_wakesleep.plain`). A checkpoint holds tensors, numbers,
+strings, ``None`` and lists, tuples and dicts of them, nothing else: a parameter's constraint
+is stored by name (``"positive"``, ``{"name": "interval", "lower_bound": 0.0, "upper_bound":
+1.0}``), NumPy's generator state as a tensor. It is read with ``torch.load(...,
+weights_only=True)``, whose unpickler builds no other Python object and calls no function named
+in the file, so a crafted file can fail to load but cannot run code. Version 1 files
+(pyro-wakesleep 0.1.0, which pickled constraint objects and NumPy arrays) are refused for that
+reason.
 
 Checkpoints are written atomically (:mod:`pyro_wakesleep.files`), and loaded into freshly
 built modules once they are known to fit them (:mod:`pyro_wakesleep.adopt`).
@@ -22,16 +24,15 @@ built modules once they are known to fit them (:mod:`pyro_wakesleep.adopt`).
 from __future__ import annotations
 
 import pickle
-import random
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple
 
-import numpy as np
 import pyro
 import torch
-from pyro.distributions import constraints
 
-from .files import PathLike
+from . import adopt
+from .files import PathLike, atomic_save
+from .plain import check_plain, decode_constraint, encode_constraint, rng_state, set_rng_state
 
 FORMAT = "pyro-wakesleep/wake-sleep-checkpoint"
 VERSION = 2
@@ -42,176 +43,6 @@ _COMMAND_FORMAT_1 = "pyro-wakesleep-checkpoint-1"
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, truncated, corrupt, unsafe, not a WakeSleep
     checkpoint, or does not fit the model and guide it is loaded into."""
-
-
-# ------------------------------------------------------------------------- plain data
-
-_SCALARS = (bool, int, float, complex, str, bytes, type(None))
-
-
-def check_plain(obj: Any, where: str) -> None:
-    """
-    Raise ``TypeError`` unless ``obj`` is plain data that ``torch.load(weights_only=True)``
-    reads back: tensors, numbers, strings, ``None``, and lists, tuples and dicts (with string
-    or integer keys) of them.
-
-    :param obj: the value.
-    :param where: how to name it in the message.
-    """
-    if isinstance(obj, torch.Tensor) or isinstance(obj, _SCALARS) or isinstance(obj, torch.Size):
-        return
-    if isinstance(obj, (list, tuple)):
-        for i, item in enumerate(obj):
-            check_plain(item, f"{where}[{i}]")
-        return
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            if not isinstance(key, (str, int)):
-                raise TypeError(f"{where} has a key of type {type(key).__name__}: {key!r}")
-            check_plain(value, f"{where}[{key!r}]")
-        return
-    raise TypeError(
-        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; a checkpoint holds only "
-        "tensors, numbers, strings, None and lists, tuples and dicts of them"
-    )
-
-
-# ------------------------------------------------------------------------- constraints
-
-# Constraints with parameters, by their factory in pyro.distributions.constraints, and the
-# attributes that rebuild them.
-_PARAMETERIZED = {
-    "interval": ("lower_bound", "upper_bound"),
-    "half_open_interval": ("lower_bound", "upper_bound"),
-    "integer_interval": ("lower_bound", "upper_bound"),
-    "greater_than": ("lower_bound",),
-    "greater_than_eq": ("lower_bound",),
-    "less_than": ("upper_bound",),
-    "multinomial": ("upper_bound",),
-    "independent": ("base_constraint", "reinterpreted_batch_ndims"),
-}
-
-
-def _singletons() -> Dict[str, constraints.Constraint]:
-    return {
-        name: value
-        for name in dir(constraints)
-        if not name.startswith("_")
-        and isinstance(value := getattr(constraints, name), constraints.Constraint)
-    }
-
-
-def encode_constraint(constraint: constraints.Constraint) -> Union[str, Dict[str, Any]]:
-    """
-    A constraint of :mod:`pyro.distributions.constraints` (or torch's) as plain data: its name
-    (``"positive"``), or a dict of its factory's name and arguments.
-
-    :raises TypeError: for a constraint defined elsewhere.
-    """
-    for name, value in _singletons().items():
-        if constraint is value:
-            return name
-    for name, attributes in _PARAMETERIZED.items():
-        if type(constraint) is getattr(constraints, name):
-            spec: Dict[str, Any] = {"name": name}
-            for attribute in attributes:
-                value = getattr(constraint, attribute)
-                if isinstance(value, constraints.Constraint):
-                    value = encode_constraint(value)
-                elif isinstance(value, torch.Tensor):
-                    value = value.detach().cpu()
-                spec[attribute] = value
-            return spec
-    if type(constraint) is type(constraints.real):  # Pyro's store treats these as real
-        return "real"
-    raise TypeError(
-        f"cannot store the constraint {constraint!r}: a checkpoint stores the constraints of "
-        "pyro.distributions.constraints (by name), not constraints defined elsewhere"
-    )
-
-
-def decode_constraint(spec: Any) -> constraints.Constraint:
-    """The constraint that :func:`encode_constraint` encoded as ``spec``.
-
-    :raises ValueError: for anything else."""
-    if isinstance(spec, str):
-        found = _singletons().get(spec)
-        if found is None:
-            raise ValueError(f"unknown constraint {spec!r}")
-        return found
-    if isinstance(spec, dict) and spec.get("name") in _PARAMETERIZED:
-        name = spec["name"]
-        args = []
-        for attribute in _PARAMETERIZED[name]:
-            if attribute not in spec:
-                raise ValueError(f"constraint {name} without its {attribute}")
-            value = spec[attribute]
-            args.append(decode_constraint(value) if attribute == "base_constraint" else value)
-        return getattr(constraints, name)(*args)
-    raise ValueError(f"malformed constraint {spec!r}")
-
-
-# ------------------------------------------------------------------------- generators
-
-
-def rng_state() -> Dict[str, Any]:
-    """The states of torch's (CPU and CUDA), Python's and NumPy's global generators, as plain
-    data."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state: Dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": {
-            "version": version,
-            "state": torch.tensor(internal, dtype=torch.int64),
-            "gauss": gauss,
-        },
-        "numpy": {
-            "name": str(name),
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    """
-    Restore the generators saved by :func:`rng_state`: all of them, or (when an entry is
-    malformed) none.
-
-    :raises ValueError: naming the malformed entry.
-    """
-    before = rng_state()
-    try:
-        _set_rng_state(state)
-    except Exception as error:
-        _set_rng_state(before)
-        raise ValueError(
-            f"malformed random generator state ({type(error).__name__}: {error})"
-        ) from error
-
-
-def _set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((int(py["version"]), tuple(int(v) for v in py["state"]), py["gauss"]))
-    numpy = state["numpy"]
-    np.random.set_state(
-        (
-            numpy["name"],
-            numpy["keys"].numpy().astype(np.uint32),
-            int(numpy["pos"]),
-            int(numpy["has_gauss"]),
-            float(numpy["cached_gaussian"]),
-        )
-    )
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _unsafe_globals(path: Path) -> str:
@@ -374,3 +205,122 @@ def state(
         "rng": rng_state(),
         "extra": extra,
     }
+
+
+# ------------------------------------------------------------------------- a WakeSleep's
+
+
+def save(ws: Any, path: PathLike, extra: Optional[Dict[str, Any]] = None) -> None:
+    """:meth:`WakeSleep.save`: the store, both optimizers, the counts and the generators,
+    written atomically."""
+    optim_state = {} if ws.optim is None else ws.optim.get_state()
+    guide_state = (
+        None if ws.guide_optim is ws.optim or ws.guide_optim is None else ws.guide_optim.get_state()
+    )
+    atomic_save(state(optim_state, guide_state, ws.num_steps, ws.num_skipped_steps, extra), path)
+
+
+class PendingLoad:
+    """
+    A checkpoint loaded without model arguments: its values fill the parameter store, but
+    whether they fit the model and guide, and the copy into the tensors these register, wait
+    for the next run (:meth:`finish`).
+    """
+
+    def __init__(
+        self, path: PathLike, loaded: Dict[str, torch.Tensor], loaded_constraints: Dict[str, Any]
+    ) -> None:
+        self.path = path
+        self.loaded = loaded
+        self.loaded_constraints = loaded_constraints
+
+    def finish(self, probe: Any) -> None:
+        """
+        Check the checkpoint against one probe run and give the registered tensors the
+        loaded values.
+
+        :param probe: runs the model and guide once under a given handler.
+        :raises CheckpointError: when the checkpoint does not fit; nothing is changed.
+        """
+        registered = _registered(probe, self.path, self.loaded, self.loaded_constraints)
+        adopt.adopt(self.loaded, registered)
+
+
+def _registered(
+    probe: Any, path: PathLike, loaded: Dict[str, torch.Tensor], loaded_constraints: Dict
+) -> Dict[str, Any]:
+    """One probe run recording the parameters the model and guide register, checked against a
+    checkpoint's; parameters the run creates are removed again."""
+    store = pyro.get_param_store()
+    known = set(store.keys())
+    recorder = adopt.RegisteredParams()
+    try:
+        probe(recorder)
+    except Exception as error:
+        # A parameter of the wrong shape typically breaks the run itself.
+        problems = adopt.misfits(loaded, loaded_constraints, recorder.registered, complete=False)
+        if problems:
+            raise CheckpointError(adopt.misfit_message(path, problems)) from error
+        raise
+    finally:
+        for name in set(store.keys()) - known:
+            del store[name]
+    problems = adopt.misfits(loaded, loaded_constraints, recorder.registered)
+    if problems:
+        raise CheckpointError(adopt.misfit_message(path, problems))
+    return recorder.registered
+
+
+def load(
+    ws: Any, path: PathLike, args: tuple, kwargs: dict
+) -> Tuple[Dict[str, Any], Optional[PendingLoad]]:
+    """
+    :meth:`WakeSleep.load`: read ``path``, check it against the model and guide (at once when
+    given arguments, else at the next step), then fill the store, the optimizers' waiting
+    states, the counts and the generators.
+
+    :returns: the checkpoint's ``extra`` and, for a load without arguments, the
+        :class:`PendingLoad` for the next step.
+    :raises CheckpointError: when the file cannot be read safely or does not fit; nothing is
+        changed.
+    """
+    checkpoint = read(path)
+    loaded, loaded_constraints = checkpoint["params"], checkpoint["constraints"]
+    store = pyro.get_param_store()
+    # Parameters the store holds already (the model ran in this process) are checked now.
+    now = store.get_state()["constraints"]
+    present = {
+        name: (store.get_param(name).detach(), now[name]) for name in store.keys() if name in loaded
+    }
+    problems = adopt.misfits(loaded, loaded_constraints, present, complete=False)
+    if problems:
+        raise CheckpointError(adopt.misfit_message(path, problems))
+    registered = None
+    if args or kwargs:
+
+        def probe(handler: Any) -> Any:
+            return ws.loss.probe(ws.model, ws.guide, args, kwargs, handler)
+
+        registered = _registered(probe, path, loaded, loaded_constraints)
+    try:
+        set_rng_state(checkpoint["rng"])
+    except ValueError as error:
+        raise CheckpointError(f"{path}: {error}") from error
+    # Optimizers already made for these parameters would keep their own state: drop them, so
+    # that the loaded states are taken up at the next update.
+    for optim in {id(o): o for o in (ws.optim, ws.guide_optim) if o is not None}.values():
+        for p in list(optim.optim_objs):
+            if store.param_name(p) in loaded:
+                del optim.optim_objs[p]
+                optim.grad_clip.pop(p, None)
+    store.set_state({"params": loaded, "constraints": loaded_constraints})
+    if ws.optim is not None:
+        ws.optim.set_state(checkpoint["optim"])
+        if checkpoint["guide_optim"] is not None and ws.guide_optim is not None:
+            ws.guide_optim.set_state(checkpoint["guide_optim"])
+    ws.num_steps = checkpoint["num_steps"]
+    ws.num_skipped_steps = checkpoint["num_skipped_steps"]
+    if registered is None:
+        return checkpoint["extra"], PendingLoad(path, loaded, loaded_constraints)
+    adopt.adopt(loaded, registered)
+    return checkpoint["extra"], None

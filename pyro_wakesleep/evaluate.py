@@ -69,8 +69,9 @@ from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDi
 from pyro.poutine import Trace
 
 from . import objectives
+from .checks import check_sites
 from .objectives import local_plates, sample_sites, site_log_prob
-from .wake_sleep import _check_sites, _particle_plate
+from .traces import guide_then_model, particle_plate, plate_nesting
 
 
 class LogLikelihood(NamedTuple):
@@ -112,16 +113,6 @@ class LogLikelihood(NamedTuple):
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def _plate_nesting(*traces: Trace) -> int:
-    """The depth of the vectorized plates (and batch shapes) seen in the traces."""
-    depth = 0
-    for trace in traces:
-        for site in sample_sites(trace):
-            dims = [-f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
-            depth = max([depth, len(site["fn"].batch_shape)] + dims)
-    return depth
 
 
 def _check_count(name: str, value: Any, minimum: int = 1) -> int:
@@ -180,11 +171,7 @@ def importance_log_likelihood(
     _check_nesting(max_plate_nesting)
     with torch.no_grad(), poutine.block():
         if max_plate_nesting is None:
-            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-                *args, **kwargs
-            )
-            max_plate_nesting = _plate_nesting(model_trace, guide_trace)
+            max_plate_nesting = plate_nesting(*guide_then_model(model, guide, args, kwargs))
         dim = -(max_plate_nesting + 1)
         log_sum: Optional[torch.Tensor] = None  # log sum_s w_s, per data point
         log_sum_sq: Optional[torch.Tensor] = None  # log sum_s w_s^2
@@ -192,13 +179,10 @@ def importance_log_likelihood(
         done = 0
         while done < num_samples:
             size = min(chunk_size, num_samples - done)
-            guide_trace = poutine.trace(_particle_plate(guide, size, dim)).get_trace(
-                *args, **kwargs
+            model_trace, guide_trace = guide_then_model(
+                particle_plate(model, size, dim), particle_plate(guide, size, dim), args, kwargs
             )
-            model_trace = poutine.trace(
-                poutine.replay(_particle_plate(model, size, dim), trace=guide_trace)
-            ).get_trace(*args, **kwargs)
-            _check_sites(model_trace, guide_trace, "evaluation")
+            check_sites(model_trace, guide_trace, "evaluation")
             weights = objectives.log_weights(
                 [model_trace], [guide_trace], max_plate_nesting, vectorized=True
             )
@@ -270,11 +254,8 @@ def evaluate_dataset(
     for batch in data.split(batch_size):
         if max_plate_nesting is None:
             with torch.no_grad(), poutine.block():
-                guide_trace = poutine.trace(guide).get_trace(batch, **kwargs)
-                model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-                    batch, **kwargs
-                )
-            max_plate_nesting = _plate_nesting(model_trace, guide_trace)
+                traces = guide_then_model(model, guide, (batch,), kwargs)
+            max_plate_nesting = plate_nesting(*traces)
         parts.append(
             importance_log_likelihood(
                 model,
@@ -430,7 +411,7 @@ def exact_log_likelihood(
             trace = poutine.trace(model).get_trace(*args, **kwargs)
         local_dims = frozenset(local_plates([trace]).values())
         latents = _latents(trace, local_dims)
-        nesting = _plate_nesting(trace)
+        nesting = plate_nesting(trace)
         if max_plate_nesting is not None:
             nesting = max(nesting, max_plate_nesting)
         counts = [lat.values.shape[0] ** lat.num_units for lat in latents]
@@ -452,9 +433,7 @@ def exact_log_likelihood(
             size = min(chunk_size, total - start)
             index = torch.arange(start, start + size)
             conditioned = poutine.condition(model, data=_configurations(latents, index, nesting))
-            chunk = poutine.trace(_particle_plate(conditioned, size, dim)).get_trace(
-                *args, **kwargs
-            )
+            chunk = poutine.trace(particle_plate(conditioned, size, dim)).get_trace(*args, **kwargs)
             new = [s["name"] for s in sample_sites(chunk) if not s["is_observed"]]
             if new:
                 raise ValueError(

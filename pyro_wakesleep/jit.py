@@ -28,12 +28,21 @@ another tensor. Such models must not use ``jit=True``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable, List, NamedTuple, Optional, Tuple
+import inspect
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Hashable, List, NamedTuple, Optional, Tuple
 
+import pyro
 import torch
+from pyro.distributions import util as dist_util
+from pyro.poutine.runtime import am_i_wrapped
 from torch.fx import GraphModule, Node
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
+
+from .checks import SupportCheck, brief
+from .loss import WakeSleepLoss, WakeSleepPhases
 
 
 class Signature(NamedTuple):
@@ -164,3 +173,190 @@ def record(
         pass
     graph.recompile()
     return held["outputs"], held["static"], graph
+
+
+class _Recorded(NamedTuple):
+    """What a recorded step's outputs are: the losses present, the parameters each objective
+    touched (fixed for a recording), and the support checks that follow the losses."""
+
+    has_wake_theta: bool
+    has_phi: bool
+    theta: Dict[str, torch.Tensor]
+    phi_params: Dict[str, torch.Tensor]
+    support: List[Tuple[str, str]]
+
+    def params(self) -> List[Tuple[str, torch.Tensor]]:
+        return list(self.theta.items()) + list(self.phi_params.items())
+
+    def phases(self, outputs: Tuple[torch.Tensor, ...]) -> WakeSleepPhases:
+        it = iter(outputs)
+        wake_theta = next(it) if self.has_wake_theta else None
+        phi = next(it) if self.has_phi else None
+        support = [SupportCheck(name, description, next(it)) for name, description in self.support]
+        return WakeSleepPhases(wake_theta, phi, self.theta, self.phi_params, [], support)
+
+
+def _rng_state(tensors: List[torch.Tensor]) -> tuple:
+    """torch's random state on the CPU and on the CUDA devices of ``tensors``."""
+    devices = list(dict.fromkeys(t.device for t in tensors if t.is_cuda))
+    return torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in devices]
+
+
+def _set_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    for device, value in cuda:
+        torch.cuda.set_rng_state(value, device)
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside this package, for a warning that points
+    at the user's call (``WakeSleep.step`` or ``differentiable_loss``)."""
+    frame = inspect.currentframe()
+    frame = None if frame is None else frame.f_back  # the caller of this function: level 1
+    level = 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(__package__ or "?"):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+class StepRecorder:
+    """
+    The recording layer of ``WakeSleep(jit=True)``: computes a step's losses as
+    :meth:`WakeSleepLoss.phases` does, by replaying the recording made for the arguments'
+    signature, or by recording one (the recording run is that step's run).
+
+    A step runs eagerly when it must compute what a recording would not: the first step (Pyro's
+    full validation), ``full_validation``, a step without gradients or under an outer effect
+    handler. A program that cannot be recorded (stochastic control flow, an output shape that
+    depends on values) or a replay that fails runs eagerly, with the random streams and the
+    parameter store as before, and turns the recorder off with a warning.
+
+    :param loss: the loss whose phases are recorded.
+    :param max_recordings: the number of signatures whose recordings are kept (least recently
+        used first out).
+    """
+
+    def __init__(self, loss: WakeSleepLoss, max_recordings: int = 8) -> None:
+        self.loss = loss
+        self.max_recordings = max_recordings
+        #: Why the recorder is off (a step could not be recorded or replayed), or ``None``.
+        self.off_reason: Optional[str] = None
+        #: The recordings by signature key: ``(graph, what its outputs are)``.
+        self.recordings: OrderedDict = OrderedDict()
+
+    @property
+    def num_recordings(self) -> int:
+        """The number of recordings kept."""
+        return len(self.recordings)
+
+    def clear(self) -> None:
+        """Forget every recording (the next step records again)."""
+        self.recordings.clear()
+
+    def usable(self, trim: bool) -> bool:
+        """Whether a step with this validation setting can be replayed: it must compute
+        what an eager step after the first would (no full validation: it reads tensor
+        values), with gradients on and no outer effect handler."""
+        return (
+            self.off_reason is None
+            and self.loss.validated
+            and (trim or not dist_util.is_validation_enabled())
+            and torch.is_grad_enabled()
+            and not am_i_wrapped()
+        )
+
+    def phases(
+        self,
+        model: Callable,
+        guide: Callable,
+        args: tuple,
+        kwargs: dict,
+        *,
+        wake: bool = True,
+        sleep: bool = True,
+        trim: Optional[bool] = None,
+    ) -> WakeSleepPhases:
+        """The phases of a step, as :meth:`WakeSleepLoss.phases` computes them: replayed,
+        recorded, or (when it cannot be recorded) eager."""
+        trim = self.loss.trim_validation() if trim is None else trim
+        if not self.usable(trim):
+            return self.loss.phases(model, guide, args, kwargs, wake=wake, sleep=sleep, trim=trim)
+        result, failure = self._replay_or_record(model, guide, args, kwargs, wake, sleep, trim)
+        if result is None:
+            result = self.loss.phases(model, guide, args, kwargs, wake=wake, sleep=sleep, trim=trim)
+        if failure is not None:
+            # The step could be run but not recorded: run eagerly from now on.
+            self.off_reason = failure
+            self.recordings.clear()
+            warnings.warn(
+                f"WakeSleep(jit=True) runs eagerly from now on: {failure}. Models whose "
+                "structure depends on sampled values (stochastic control flow) cannot be "
+                "recorded; jit=False avoids this warning.",
+                RuntimeWarning,
+                stacklevel=_caller_level(),
+            )
+        return result
+
+    def _replay_or_record(
+        self,
+        model: Callable,
+        guide: Callable,
+        args: tuple,
+        kwargs: dict,
+        wake: bool,
+        sleep: bool,
+        trim: bool,
+    ) -> Tuple[Optional[WakeSleepPhases], Optional[str]]:
+        """``(phases, None)``, or ``(None, reason)`` when the step cannot be recorded; the
+        random streams and the parameter store are then as before."""
+        sig = signature(args, kwargs)
+        if sig is None:
+            return None, "an argument is neither a tensor nor hashable"
+        key = (sig.key, wake, sleep, trim)
+        store = pyro.get_param_store()
+        params = dict(store.named_parameters())
+        recording = self.recordings.get(key)
+        if recording is not None:
+            graph, static = recording
+            if all(params.get(name) is t for name, t in static.params()):
+                self.recordings.move_to_end(key)
+                rng = _rng_state(sig.tensors)
+                try:
+                    with torch.enable_grad():
+                        return static.phases(graph(*sig.tensors)), None
+                except Exception as error:
+                    # New values the recording cannot follow; the eager step decides.
+                    _set_rng_state(rng)
+                    del self.recordings[key]
+                    return None, f"a recorded step failed on new arguments ({brief(error)})"
+            # The parameter store holds other tensors now (a load, a rebuilt model).
+            del self.recordings[key]
+
+        def step(*tensors: torch.Tensor) -> Tuple[Tuple[torch.Tensor, ...], _Recorded]:
+            a, k = sig.rebuild(tensors)
+            r = self.loss.phases(model, guide, a, k, wake=wake, sleep=sleep, trim=trim)
+            losses = tuple(x for x in (r.wake_theta, r.phi) if x is not None)
+            static = _Recorded(
+                r.wake_theta is not None,
+                r.phi is not None,
+                r.theta,
+                r.phi_params,
+                [(check.site, check.description) for check in r.support],
+            )
+            return losses + tuple(check.ok for check in r.support), static
+
+        known = set(store.keys())
+        rng = _rng_state(sig.tensors)
+        try:
+            outputs, static, graph = record(step, sig.tensors)
+        except Exception as error:
+            _set_rng_state(rng)
+            for name in set(store.keys()) - known:
+                del store[name]
+            return None, f"the step could not be recorded ({brief(error)})"
+        self.recordings[key] = (graph, static)
+        while len(self.recordings) > self.max_recordings:
+            self.recordings.popitem(last=False)
+        return static.phases(outputs), None

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, List, Optional
 import torch
 from torch import nn
 
+from .loss import WakeSleepLoss
 from .wake_sleep import WakeSleep
 
 
@@ -45,11 +46,16 @@ class WakeSleepModule(nn.Module):
     them: a bare ``pyro.param`` lives only in Pyro's parameter store, where a torch optimizer
     or DDP would not see it.
 
+    ``WakeSleepLoss(...)(model, guide)`` gives one, as ``ELBO.__call__`` gives an
+    ``ELBOModule``.
+
     :param model: the model.
     :param guide: the guide.
     :param modules: further ``nn.Module``\\ s holding parameters of the model or guide.
+    :param loss: the :class:`~pyro_wakesleep.WakeSleepLoss`; or give its options as
+        ``kwargs``.
     :param kwargs: the estimator's options, as for :class:`WakeSleep` (``num_particles``,
-        ``phi_objective``, ``max_plate_nesting``, ...; no optimizer).
+        ``phi_objective``, ``max_plate_nesting``, ``jit``, ...; no optimizer).
     """
 
     def __init__(
@@ -57,6 +63,7 @@ class WakeSleepModule(nn.Module):
         model: Callable,
         guide: Callable,
         modules: Iterable[nn.Module] = (),
+        loss: Optional[WakeSleepLoss] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -66,7 +73,7 @@ class WakeSleepModule(nn.Module):
                 members.append(m)
         self.members = nn.ModuleList(members)
         # A plain attribute (not a submodule): the estimator holds no parameters itself.
-        self.wake_sleep = WakeSleep(model, guide, None, **kwargs)
+        self.wake_sleep = WakeSleep(model, guide, None, loss=loss, **kwargs)
         self._checked = False
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -79,7 +86,8 @@ class WakeSleepModule(nn.Module):
 
     def _check_parameters(self, args: tuple, kwargs: dict) -> None:
         own = {id(p) for p in self.parameters()}
-        params = self.wake_sleep._probed_params(args, kwargs)
+        ws = self.wake_sleep
+        params = ws.loss.params(ws.model, ws.guide, args, kwargs)
         outside = [name for name, p in params.items() if id(p) not in own]
         if outside:
             raise ValueError(

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 from numbers import Number
-from typing import Iterable, List, NamedTuple, Optional, Sequence
+from typing import Iterable, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from pyro.distributions.util import scale_and_mask
@@ -227,3 +227,58 @@ def classic_wake_theta_loss(model_trace: Trace) -> torch.Tensor:
 def classic_wake_phi_loss(guide_trace: Trace) -> torch.Tensor:
     """:math:`-\\log q_\\phi(z \\mid x)` at the guide's own sample (wake-phi with K = 1)."""
     return -trace_log_prob_sum(guide_trace)
+
+
+class PhiObjective(NamedTuple):
+    r"""
+    The guide's objective: :math:`a \cdot` wake-phi :math:`+ (1 - a) \cdot` sleep-phi, built
+    by :meth:`parse` from ``"sleep"`` (:math:`a = 0`, the classic choice), ``"wake"``
+    (:math:`a = 1`) or a number :math:`a \in [0, 1]`.
+    """
+
+    #: :math:`a`, the weight of wake-phi.
+    wake: float
+
+    @classmethod
+    def parse(cls, value: Union[str, float, PhiObjective]) -> PhiObjective:
+        """
+        :param value: ``"sleep"``, ``"wake"``, a number in [0, 1], or a :class:`PhiObjective`.
+        :raises ValueError: for anything else.
+        """
+        if isinstance(value, PhiObjective):
+            return value
+        if value == "sleep":
+            return cls(0.0)
+        if value == "wake":
+            return cls(1.0)
+        if isinstance(value, Number) and not isinstance(value, bool):
+            a = float(value)  # type: ignore[arg-type]
+            if 0.0 <= a <= 1.0:
+                return cls(a)
+        raise ValueError(
+            "phi_objective must be 'sleep', 'wake' or a float a in [0, 1] (a * wake-phi + "
+            f"(1 - a) * sleep-phi), got {value!r}"
+        )
+
+    @property
+    def sleep(self) -> float:
+        """:math:`1 - a`, the weight of sleep-phi."""
+        return 1 - self.wake
+
+    @property
+    def uses_wake(self) -> bool:
+        """Whether wake-phi has a weight (the guide is then trained on wake samples)."""
+        return self.wake > 0
+
+    @property
+    def uses_sleep(self) -> bool:
+        """Whether sleep-phi has a weight (fantasies are then drawn)."""
+        return self.wake < 1
+
+    def __str__(self) -> str:
+        return {0.0: "sleep", 1.0: "wake"}.get(self.wake, repr(self.wake))
+
+
+def weighted(weight: float, loss: torch.Tensor) -> torch.Tensor:
+    """``weight * loss``, without an operation when the weight is 1."""
+    return loss if weight == 1 else weight * loss

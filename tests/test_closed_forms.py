@@ -94,7 +94,7 @@ def test_helmholtz_gradients_are_minus_the_delta_rules():
     wake_vs, sleep_us = set(), set()
     for u in data:  # a batch of one data point at a time, several draws each
         for _ in range(4):
-            phases = ws._compute((u,), {}, wake=True, sleep=True)
+            phases = ws.loss.phases(ws.model, ws.guide, (u,), {})
             wake_v, sleep_v, sleep_u = _helmholtz_samples(phases, u)
             wake_vs.add(tuple(wake_v.tolist()))
             sleep_us.add(tuple(sleep_u.tolist()))
@@ -126,10 +126,10 @@ def test_helmholtz_sgd_step_is_the_delta_rule():
     names = ("g", "h", "G", "w", "W")
     ws.evaluate_loss(data[0])  # create the parameters (their initial draws use the RNG)
     for i, u in enumerate(data.repeat(2, 1)):
-        # The same seed makes step() draw the samples that _compute() draws: read them first.
+        # The same seed makes step() draw the samples that loss.phases() draws: read them first.
         pyro.set_rng_seed(100 + i)
         wake_v, sleep_v, sleep_u = _helmholtz_samples(
-            ws._compute((u,), {}, wake=True, sleep=True), u
+            ws.loss.phases(ws.model, ws.guide, (u,), {}), u
         )
         delta = _delta_rules(wake_v, u, sleep_v, sleep_u)
         before = {n: p.detach().clone() for n, p in zip(names, _unconstrained(*names))}
@@ -360,7 +360,7 @@ def test_losses_equal_the_per_point_bound_by_hand(vectorize, phi_objective):
         vectorize_particles=vectorize,
         max_plate_nesting=1,
     )
-    phases = ws._compute((x,), {}, wake=True, sleep=True)
+    phases = ws.loss.phases(ws.model, ws.guide, (x,), {})
     n = 1 if vectorize else K
     model_traces, guide_traces = phases.traces[:n], phases.traces[n : 2 * n]
     # The wake traces, then (sleep-phi only) a model and a guide trace per fantasy draw.
@@ -535,7 +535,7 @@ def _injected_run(x, vectorize, wake_z, sleep_z, sleep_x, K, S):
         max_plate_nesting=1,
     )
     with InjectSamples(sleep_queues):
-        phases = ws._compute((x,), {}, wake=True, sleep=True)
+        phases = ws.loss.phases(ws.model, ws.guide, (x,), {})
     assert not wake_queue and not sleep_queues["z"] and not sleep_queues["x"]
     theta = [phases.theta[n] for n in ("M", "b", "log_s")]
     phi = [phases.phi_params[n] for n in ("C", "d", "log_sd")]

@@ -128,13 +128,13 @@ def _failing_worker(rank, world, port, out):
             f"{out}.rank{rank}",
         )
     finally:
-        _example()._shut_down()
+        _example().shut_down()
 
 
 def test_a_failure_on_one_process_raises_on_every_process(tmp_path):
     out = tmp_path / "result"
     torch.multiprocessing.spawn(
-        _failing_worker, args=(2, _example()._free_port(), str(out)), nprocs=2, join=True
+        _failing_worker, args=(2, _example().free_port(), str(out)), nprocs=2, join=True
     )
     results = [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(2)]
     assert "'x'" in results[1]["raised"]  # the process with the NaN names the site

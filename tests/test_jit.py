@@ -111,7 +111,7 @@ def test_replayed_steps_are_bitwise_the_eager_steps(kind, recorded):
     assert jit_losses == eager_losses
     assert_store_equal(eager_params, jit_params)
     # The first step runs eagerly, the second is recorded, the ten others are replayed.
-    assert recorded == [1] and len(ws._recordings) == 1 and ws._jit_off is None
+    assert recorded == [1] and ws.recorder.num_recordings == 1 and ws.recorder.off_reason is None
 
 
 def test_wake_and_sleep_steps_are_recorded_separately_and_match_eager():
@@ -129,7 +129,7 @@ def test_wake_and_sleep_steps_are_recorded_separately_and_match_eager():
     replayed, jit_params, ws = run(True)
     assert replayed == eager
     assert_store_equal(eager_params, jit_params)
-    assert len(ws._recordings) == 2
+    assert ws.recorder.num_recordings == 2
 
 
 def test_a_new_batch_shape_is_recorded_again():
@@ -138,7 +138,7 @@ def test_a_new_batch_shape_is_recorded_again():
     replayed, jit_params, ws = _train("helmholtz-rws", use_jit=True, batches=batches)
     assert replayed == eager
     assert_store_equal(eager_params, jit_params)
-    assert len(ws._recordings) == 2
+    assert ws.recorder.num_recordings == 2
 
 
 def _branching_model(x):
@@ -175,7 +175,7 @@ def _assert_falls_back_like_eager(model, guide, x, match, **options):
     # The failed recording put the random streams and the store back: same draws as eager.
     assert replayed == eager
     assert_store_equal(eager_params, jit_params)
-    assert ws._jit_off is not None and not ws._recordings
+    assert ws.recorder.off_reason is not None and not ws.recorder.recordings
 
 
 def test_stochastic_control_flow_runs_eagerly_with_a_warning_and_the_same_draws():
@@ -212,7 +212,7 @@ def test_an_unhashable_argument_runs_eagerly_with_a_warning():
     ws.step(torch.randn(5), _Options(1.0))
     with pytest.warns(RuntimeWarning, match="neither a tensor nor hashable"):
         ws.step(torch.randn(5), _Options(1.0))
-    assert ws._jit_off is not None
+    assert ws.recorder.off_reason is not None
 
 
 def test_bad_data_after_recording_raises_and_changes_nothing():
@@ -222,7 +222,7 @@ def test_bad_data_after_recording_raises_and_changes_nothing():
     x = _binary(10)
     for _ in range(3):
         ws.step(x)
-    assert len(ws._recordings) == 1
+    assert ws.recorder.num_recordings == 1
     params, optim_state = store_snapshot(), optim.get_state()
     bad = x.clone()
     bad[2, 3] = 2.0
@@ -239,7 +239,7 @@ def test_bad_data_after_recording_raises_and_changes_nothing():
             assert torch.equal(value, after[name]["state"][0][key]), (name, key)
     assert ws.num_steps == 3
     ws.step(x)  # the recording still serves good data
-    assert ws._jit_off is None and len(ws._recordings) == 1
+    assert ws.recorder.off_reason is None and ws.recorder.num_recordings == 1
 
 
 def test_a_load_replaces_the_parameters_and_the_step_is_recorded_again(tmp_path, recorded):
@@ -277,9 +277,9 @@ def test_evaluate_loss_and_outer_handlers_run_eagerly():
     ws.evaluate_loss(x)
     with pyro.poutine.scale(scale=2.0):
         ws.step(x)
-    assert not ws._recordings
+    assert not ws.recorder.recordings
     ws.step(x)
-    assert len(ws._recordings) == 1
+    assert ws.recorder.num_recordings == 1
 
 
 def test_module_with_jit_gives_the_eager_gradient():
@@ -400,13 +400,13 @@ def test_a_replay_that_fails_falls_back_to_the_eager_step():
         torch.manual_seed(8)
         out = [tuple(ws.step(x)) for _ in range(3)]
         if sabotage:
-            ((key, (graph, static)),) = ws._recordings.items()
+            ((key, (graph, static)),) = ws.recorder.recordings.items()
 
             def failing(*tensors):
                 torch.rand(100)  # draws, then fails: the fallback must restore the stream
                 raise RuntimeError("shape mismatch")
 
-            ws._recordings[key] = (failing, static)
+            ws.recorder.recordings[key] = (failing, static)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             out += [tuple(ws.step(x)) for _ in range(3)]
@@ -416,7 +416,9 @@ def test_a_replay_that_fails_falls_back_to_the_eager_step():
     replayed, jit_params, ws, caught = run(True, sabotage=True)
     assert replayed == eager
     assert_store_equal(eager_params, jit_params)
-    assert ws._jit_off is not None and "failed on new arguments" in ws._jit_off
+    assert (
+        ws.recorder.off_reason is not None and "failed on new arguments" in ws.recorder.off_reason
+    )
     assert [str(w.message) for w in caught if "runs eagerly" in str(w.message)]
 
 
@@ -457,8 +459,8 @@ def test_subsampling_plates_replay_their_random_indices(phi_objective):
     assert replayed == eager
     assert_store_equal(eager_params, jit_params)
     if phi_objective == "wake":
-        assert ws._jit_off is None and len(ws._recordings) == 1
+        assert ws.recorder.off_reason is None and ws.recorder.num_recordings == 1
     else:
         # The sleep phase finds the indexed argument by comparing values: not recordable.
-        assert ws._jit_off is not None
+        assert ws.recorder.off_reason is not None
         assert any("runs eagerly" in str(w.message) for w in caught)

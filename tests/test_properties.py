@@ -184,7 +184,7 @@ def test_vectorized_and_sequential_particles_agree_on_the_same_particles(case):
 
         ws = _estimator(case, model, injected_guide, vectorize_particles=vectorize)
         torch.manual_seed(2)
-        phases = ws._compute((x,), {}, wake=True, sleep=True)
+        phases = ws.loss.phases(ws.model, ws.guide, (x,), {})
         assert all(not q for q in queues.values())  # every injected particle was scored
         names = sorted(phases.theta) + sorted(phases.phi_params)
         params = [{**phases.theta, **phases.phi_params}[n] for n in names]
@@ -230,4 +230,4 @@ def test_recorded_steps_replay_the_eager_steps_bitwise(case, vectorize, sleep_pa
     (eager, eager_params, _), (replayed, jit_params, ws) = runs
     assert replayed == eager
     assert_store_equal(eager_params, jit_params)
-    assert ws._jit_off is None and len(ws._recordings) == 1
+    assert ws.recorder.off_reason is None and ws.recorder.num_recordings == 1

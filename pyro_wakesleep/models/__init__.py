@@ -20,8 +20,9 @@ Each is an :class:`~torch.nn.Module` (a :class:`ModelGuidePair`) with Pyro metho
 >>> ws = WakeSleep(hm.model, hm.guide, pyro.optim.Adam({"lr": 1e-2}))
 """
 
+from .base import BernoulliUnits, ModelGuidePair, mlp
 from .gaussian import GaussianHelmholtz
-from .helmholtz import BernoulliUnits, HelmholtzMachine, ModelGuidePair, mlp
+from .helmholtz import HelmholtzMachine
 from .mixture import GaussianMixture
 
 __all__ = [

@@ -28,7 +28,7 @@ import pyro.distributions as dist
 import torch
 from torch.nn import functional
 
-from .helmholtz import BernoulliUnits, Hidden, ModelGuidePair, mlp
+from .base import BernoulliUnits, Hidden, ModelGuidePair, mlp
 
 MIN_SCALE = 1e-4
 

@@ -1,7 +1,6 @@
 r"""
 The binary Helmholtz machine: a layered sigmoid belief net with a bottom-up recognition net
-(Hinton, Dayan, Frey & Neal 1995), and :class:`ModelGuidePair`, the base class of the
-ready-made model/guide pairs in :mod:`pyro_wakesleep.models`.
+(Hinton, Dayan, Frey & Neal 1995).
 
 With layer sizes :math:`(D, H_1, \dots, H_L)` the generative model (``model``) is
 
@@ -34,172 +33,17 @@ References
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence
 
 import pyro
-import pyro.distributions as dist
 import torch
-from pyro import poutine
 from torch import nn
-from torch.nn import functional
 
-Hidden = Union[int, Sequence[int]]
-
-
-def mlp(in_features: int, out_features: int, hidden: Hidden = ()) -> nn.Module:
-    """
-    An affine map, or an MLP with tanh hidden layers of the given sizes.
-
-    :param in_features: the input size.
-    :param out_features: the output size.
-    :param hidden: the sizes of the deterministic hidden layers (an int for one layer; empty or
-        0 for a single :class:`~torch.nn.Linear`).
-    """
-    sizes = _hidden_sizes(hidden)
-    layers: list = []
-    width = in_features
-    for size in sizes:
-        layers += [nn.Linear(width, size), nn.Tanh()]
-        width = size
-    layers.append(nn.Linear(width, out_features))
-    return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
-
-
-class BernoulliUnits(dist.Independent):
-    """
-    A vector of independent binary units, ``BernoulliUnits(logits)`` for
-    ``Bernoulli(logits=logits).to_event(1)`` (it is that distribution, a subclass of
-    :class:`~pyro.distributions.Independent`), whose ``log_prob`` sums the elementwise
-    log-densities before negating them: the same values, one full-size tensor fewer per call
-    (it matters with many particles: a ``(K, N, D)`` tensor per site).
-
-    :param logits: the units' logits, the last dimension being the units.
-    """
-
-    def __init__(self, logits: torch.Tensor, validate_args: Optional[bool] = None) -> None:
-        super().__init__(dist.Bernoulli(logits=logits), 1, validate_args=validate_args)
-
-    def expand(self, batch_shape, _instance=None):  # noqa: ANN001 - torch's signature
-        new = self._get_checked_instance(BernoulliUnits, _instance)
-        return super().expand(batch_shape, _instance=new)
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        logits, value = torch.broadcast_tensors(self.base_dist.logits, value)
-        return -functional.binary_cross_entropy_with_logits(logits, value, reduction="none").sum(-1)
+from .base import BernoulliUnits, Hidden, ModelGuidePair, mlp
 
 
 def _last_linear(f: nn.Module) -> nn.Linear:
     return f if isinstance(f, nn.Linear) else [m for m in f if isinstance(m, nn.Linear)][-1]
-
-
-def _hidden_sizes(hidden: Hidden) -> tuple:
-    if isinstance(hidden, int):
-        sizes: tuple = (hidden,) if hidden > 0 else ()
-    else:
-        sizes = tuple(int(h) for h in hidden)
-    if any(h < 1 for h in sizes):
-        raise ValueError(f"hidden layer sizes must be positive, got {hidden!r}")
-    return sizes
-
-
-class ModelGuidePair(nn.Module):
-    """
-    Base class of the ready-made model/guide pairs: an :class:`~torch.nn.Module` holding a
-    generative submodule (``self.generative``, the model's parameters :math:`\\theta`) and a
-    recognition submodule (``self.recognition``, the guide's parameters :math:`\\phi`), with
-    Pyro methods ``model(x, observations=None)`` and ``guide(x, observations=None)``.
-
-    The submodules are registered with :func:`pyro.module` under ``"{name}_generative"`` and
-    ``"{name}_recognition"``, so the model's and the guide's parameters are disjoint, as
-    wake-sleep requires. Two instances used in the same parameter store need distinct names.
-
-    The data site is ``"x"``, of shape ``(N, x_dim)`` inside a plate ``"data"`` at dim -1; the
-    guide reads ``observations["x"]`` when given (the sleep phase of
-    :class:`~pyro_wakesleep.WakeSleep` and of Pyro's ``ReweightedWakeSleep``), which may carry
-    extra leading particle dimensions.
-    """
-
-    #: The number of plates the model and guide use (the plate ``"data"``).
-    max_plate_nesting = 1
-    #: The model's parameters :math:`\\theta` (set by subclasses).
-    generative: nn.Module
-    #: The guide's parameters :math:`\\phi` (set by subclasses).
-    recognition: nn.Module
-
-    def __init__(self, x_dim: int, name: str) -> None:
-        super().__init__()
-        if "$$$" in name:
-            raise ValueError(f"name must not contain '$$$', got {name!r}")
-        self.x_dim = int(x_dim)
-        self.name = name
-
-    # Subclasses define self.generative, self.recognition, model and guide.
-    def model(
-        self,
-        x: Optional[torch.Tensor] = None,
-        observations: Optional[Dict[str, torch.Tensor]] = None,
-    ) -> None:
-        """The generative model :math:`p_\\theta(x, z)`, with the observed site ``"x"``."""
-        raise NotImplementedError
-
-    def guide(
-        self,
-        x: Optional[torch.Tensor] = None,
-        observations: Optional[Dict[str, torch.Tensor]] = None,
-    ) -> None:
-        """The recognition model :math:`q_\\phi(z \\mid x)`."""
-        raise NotImplementedError
-
-    def _register_generative(self) -> None:
-        pyro.module(f"{self.name}_generative", self.generative)
-
-    def _register_recognition(self) -> None:
-        pyro.module(f"{self.name}_recognition", self.recognition)
-
-    @staticmethod
-    def _data(
-        x: Optional[torch.Tensor], observations: Optional[Dict[str, torch.Tensor]]
-    ) -> torch.Tensor:
-        if observations is not None:
-            return observations["x"]
-        if x is None:
-            raise ValueError("pass the data x, or observations={'x': x}")
-        return x
-
-    def _like(self) -> torch.Tensor:
-        return next(self.generative.parameters())
-
-    @torch.no_grad()
-    def sample(self, num: int) -> torch.Tensor:
-        """
-        Draw fantasies :math:`x \\sim p_\\theta(x)` from the model (ancestral sampling; the
-        model is run under :func:`pyro.poutine.uncondition` and hidden from outer handlers).
-
-        :param num: the number of samples.
-        :returns: a tensor of shape ``(num, x_dim)``.
-        """
-        ref = self._like()
-        dummy = torch.zeros(num, self.x_dim, dtype=ref.dtype, device=ref.device)
-        with poutine.block():
-            trace = poutine.trace(poutine.uncondition(self.model)).get_trace(dummy)
-        return trace.nodes["x"]["value"]
-
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """
-        Encode ``x`` with the guide (one sample :math:`z \\sim q_\\phi(z \\mid x)`) and decode
-        it to the mean :math:`\\mathbb{E}_{p_\\theta}[x \\mid z]` of the model's observation
-        distribution.
-
-        :param x: data of shape ``(N, x_dim)``.
-        :returns: the reconstructions, of shape ``(N, x_dim)``.
-        """
-        with poutine.block():
-            guide_trace = poutine.trace(self.guide).get_trace(x)
-            model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(x)
-        return model_trace.nodes["x"]["fn"].mean
 
 
 class _SigmoidBeliefNet(nn.Module):

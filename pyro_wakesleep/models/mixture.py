@@ -36,7 +36,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .helmholtz import Hidden, ModelGuidePair, mlp
+from .base import Hidden, ModelGuidePair, mlp
 
 
 class _MixtureParameters(nn.Module):

@@ -1,0 +1,189 @@
+"""
+The checks of a wake-sleep step and their messages: the pairing of model and guide sites,
+the support of observed values, parameters shared by model and guide, and the finiteness of
+every loss and gradient (:class:`NonFiniteLossError`). Each message names the site, argument
+or parameter and says what to do.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, NamedTuple, Optional
+
+import torch
+from pyro.poutine import Trace
+
+from .objectives import sample_sites, site_log_prob
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss or gradient of a step is NaN or infinite; nothing was updated."""
+
+
+class SupportCheck(NamedTuple):
+    """Whether one observed site's value lies in its distribution's support: ``ok`` is a
+    scalar bool tensor, read by :func:`check_support` after the step's computation."""
+
+    site: str
+    description: str
+    ok: torch.Tensor
+
+
+def check_sites(model_trace: Trace, guide_trace: Trace, phase: str) -> None:
+    """Every model latent is sampled by the guide and the guide samples nothing else.
+
+    :param phase: the phase to name in a message (``"wake"``, ``"sleep"``, ...).
+    :raises ValueError: naming the site and the fix.
+    """
+    model_sites = {site["name"]: site for site in sample_sites(model_trace)}
+    observed = {
+        name
+        for name, site in model_sites.items()
+        if site["is_observed"] or site["infer"].get("was_observed")
+    }
+    if not observed:
+        raise ValueError(
+            "The model has no observed site: wake-sleep fits a model to data, so at least one "
+            "pyro.sample(..., obs=data) statement is needed."
+        )
+    guide_names = {site["name"] for site in sample_sites(guide_trace)}
+    for name in guide_names:
+        if name in observed:
+            raise ValueError(
+                f"The guide samples site '{name}', which the model observes. The guide should "
+                f"sample only latent sites; remove '{name}' from the guide."
+            )
+        if name not in model_sites:
+            raise ValueError(
+                f"The guide samples site '{name}', which the model does not have (in the "
+                f"{phase} phase). Rename it to match a model latent, or remove it."
+            )
+    for name in model_sites:
+        if name not in observed and name not in guide_names:
+            raise ValueError(
+                f"The model's latent site '{name}' is not sampled by the guide (in the {phase} "
+                f"phase). Add pyro.sample('{name}', ...) to the guide: wake-sleep needs a "
+                "proposal for every latent."
+            )
+
+
+def observed_support(model_trace: Trace) -> List[SupportCheck]:
+    """
+    Whether each observed value lies in its distribution's support (masked entries excepted),
+    computed without reading any tensor's value; :func:`check_support` reads them. This is the
+    one check of Pyro's distribution validation that a wake-sleep step cannot replace by its
+    finiteness check: a Bernoulli observed at 2 has a finite log-density.
+    """
+    found = []
+    for site in sample_sites(model_trace):
+        if not site["is_observed"]:
+            continue
+        fn, value, mask = site["fn"], site["value"], site["mask"]
+        if mask is False:
+            continue
+        with torch.no_grad():
+            ok = fn.support.check(value)
+            if isinstance(mask, torch.Tensor):
+                ok = ok | ~mask
+            description = f"({fn.support}) of its distribution {type(fn).__name__}"
+            found.append(SupportCheck(site["name"], description, ok.all()))
+    return found
+
+
+def check_support(support: List[SupportCheck]) -> None:
+    """Raise ``ValueError``, naming the site, if an observed value of
+    :func:`observed_support` lies outside its support."""
+    if not support or bool(torch.stack([check.ok for check in support]).all()):
+        return
+    for check in support:
+        if not bool(check.ok):
+            raise ValueError(
+                f"The observed value of site '{check.site}' lies outside the support "
+                f"{check.description}. Check the data passed as obs= at '{check.site}' (for "
+                "example binary data for a Bernoulli)."
+            )
+
+
+def check_disjoint(theta: Dict[str, torch.Tensor], phi: Dict[str, torch.Tensor]) -> None:
+    """Refuse parameters used by both the model (``theta``) and the guide (``phi``)."""
+    shared = sorted(set(theta) & set(phi))
+    if shared:
+        raise ValueError(
+            "Parameter(s) " + ", ".join(f"'{n}'" for n in shared) + " are used by both the "
+            "model and the guide. Wake-sleep updates the model's parameters by the wake "
+            "phase and the guide's by the sleep phase, so each parameter must belong to one "
+            "of them: give the guide its own copy."
+        )
+
+
+def nonfinite_sites(traces: List[Trace]) -> List[str]:
+    """The sample sites whose log-density is NaN or infinite somewhere, once each."""
+    names = []
+    for trace in traces:
+        for site in sample_sites(trace):
+            with torch.no_grad():
+                lp = site_log_prob(site)
+            if isinstance(lp, torch.Tensor) and not torch.isfinite(lp).all():
+                names.append(site["name"])
+    return list(dict.fromkeys(names))
+
+
+def nonfinite_inputs(args: tuple, kwargs: dict) -> List[str]:
+    """The floating-point tensor arguments holding NaN or infinity, named for a message."""
+    named = [(f"argument {i}", a) for i, a in enumerate(args)] + [
+        (f"keyword argument '{k}'", v) for k, v in kwargs.items()
+    ]
+    return [
+        name
+        for name, value in named
+        if isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and not torch.isfinite(value).all()
+    ]
+
+
+def nonfinite_problems(
+    losses: Dict[str, Optional[torch.Tensor]], params: Dict[str, torch.Tensor]
+) -> List[str]:
+    """
+    The losses and parameter gradients that hold NaN or infinity, named for a message; empty
+    when all are finite. One fused check on the hot path: a sum is NaN or infinite when any of
+    its terms is (a finite overflow would need entries near 1e38); the exact search runs only
+    when it fails.
+    """
+    totals = [x.detach().reshape(()) for x in losses.values() if x is not None]
+    totals += [p.grad.sum() for p in params.values() if p.grad is not None]
+    if not totals or bool(torch.isfinite(torch.stack(totals)).all()):
+        return []
+    problems = [
+        f"{name} loss"
+        for name, x in losses.items()
+        if x is not None and not torch.isfinite(x).all()
+    ]
+    problems += [
+        f"gradient of parameter '{name}'"
+        for name, p in params.items()
+        if p.grad is not None and not torch.isfinite(p.grad).all()
+    ]
+    return problems
+
+
+def nonfinite_message(step: int, problems: List[str], sites: List[str], inputs: List[str]) -> str:
+    """The message of a :class:`NonFiniteLossError` at ``step``."""
+    message = f"Step {step}: non-finite "
+    message += ", ".join(problems) if problems else "values"
+    message += "."
+    if sites:
+        message += " Non-finite log-density at site(s) " + ", ".join(f"'{s}'" for s in sites)
+        message += "."
+    if inputs:
+        message += " NaN or infinity in " + ", ".join(inputs) + "."
+    return (
+        message + " No parameter or optimizer state was changed. Remove NaN/inf from the "
+        "data, and check the model and guide for parameters that leave their support."
+    )
+
+
+def brief(error: BaseException) -> str:
+    """An exception's type and the first line of its message."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
