@@ -7,7 +7,7 @@ or parameter and says what to do.
 
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
 from pyro.poutine import Trace
@@ -181,6 +181,15 @@ def nonfinite_message(step: int, problems: List[str], sites: List[str], inputs: 
         message + " No parameter or optimizer state was changed. Remove NaN/inf from the "
         "data, and check the model and guide for parameters that leave their support."
     )
+
+
+def check_count(name: str, value: Any, minimum: int = 1) -> int:
+    """``value``, if it is an integer (not a bool) of at least ``minimum``.
+
+    :raises ValueError: naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
 
 
 def brief(error: BaseException) -> str:

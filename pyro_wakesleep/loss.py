@@ -59,11 +59,6 @@ class WakeSleepPhases(NamedTuple):
         return sum(x for x in (self.wake_theta, self.phi) if x is not None)  # type: ignore
 
 
-def _check_count(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 class WakeSleepLoss(ELBO):
     r"""
     The (reweighted) wake-sleep objective of a model and guide.
@@ -104,11 +99,11 @@ class WakeSleepLoss(ELBO):
         fantasy_args: Optional[FantasyArgsFn] = None,
         full_validation: bool = False,
     ) -> None:
-        _check_count("num_particles", num_particles, 1)
-        _check_count("num_sleep_particles", num_sleep_particles, 1)
+        checks.check_count("num_particles", num_particles, 1)
+        checks.check_count("num_sleep_particles", num_sleep_particles, 1)
         if max_plate_nesting is not None:
             try:
-                _check_count("max_plate_nesting", max_plate_nesting, 0)
+                checks.check_count("max_plate_nesting", max_plate_nesting, 0)
             except ValueError:
                 raise ValueError(
                     f"max_plate_nesting must be a non-negative integer or None, got "
