@@ -13,7 +13,7 @@ that is actually trained.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import pyro
 import torch
@@ -54,7 +54,7 @@ def _loaded_shape(value: torch.Tensor, constraint: constraints.Constraint) -> to
 def misfits(
     loaded: Dict[str, torch.Tensor],
     loaded_constraints: Dict[str, constraints.Constraint],
-    registered: Dict[str, Tuple[Optional[torch.Tensor], constraints.Constraint]],
+    registered: Mapping[str, Tuple[Optional[torch.Tensor], constraints.Constraint]],
     complete: bool = True,
 ) -> List[str]:
     """
@@ -108,10 +108,11 @@ def adopt(
     need nothing: Pyro returns the stored value.
     """
     store = pyro.get_param_store()
+    stored = dict(store.named_parameters())
     for name, (init, constraint) in registered.items():
         if name not in loaded or init is None or constraint is not constraints.real:
             continue
-        current = store.get_param(name).unconstrained() if name in store else None
+        current = stored.get(name)
         if current is init or init.shape != loaded[name].shape:
             continue
         with torch.no_grad():

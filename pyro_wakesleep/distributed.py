@@ -67,19 +67,19 @@ class ProcessGroupSync:
                 f"Step {step}: another process failed this step (see its error). "
                 "No parameter or optimizer state was changed on any process."
             )
-        params = [
-            p
+        grads = [
+            p.grad
             for p in list(phases.theta.values()) + list(phases.phi_params.values())
             if p.grad is not None
         ]
-        if params:
-            flat = torch.cat([p.grad.reshape(-1) for p in params])
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
             torch.distributed.all_reduce(flat)
             flat /= world
             offset = 0
-            for p in params:
-                n = p.grad.numel()
-                p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+            for g in grads:
+                n = g.numel()
+                g.copy_(flat[offset : offset + n].view_as(g))
                 offset += n
         mean = status / world
         like = phases.wake_theta if phases.wake_theta is not None else phases.phi

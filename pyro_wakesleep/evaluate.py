@@ -179,13 +179,13 @@ def importance_log_likelihood(
             log_w = log_w.reshape(size, -1).double()
             chunk_sum = torch.logsumexp(log_w, 0)
             chunk_sum_sq = torch.logsumexp(2 * log_w, 0)
-            if log_sum is None:
+            if log_sum is None or log_sum_sq is None:
                 log_sum, log_sum_sq = chunk_sum, chunk_sum_sq
             else:
                 log_sum = torch.logaddexp(log_sum, chunk_sum)
                 log_sum_sq = torch.logaddexp(log_sum_sq, chunk_sum_sq)
             done += size
-    assert log_sum is not None and log_sum_sq is not None
+    assert log_sum is not None and log_sum_sq is not None and dtype is not None
     return _summarize(log_sum, log_sum_sq, num_samples, dtype)
 
 

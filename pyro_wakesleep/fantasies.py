@@ -125,7 +125,7 @@ def _subsample_indices(trace: Trace, site: dict) -> list:
 
 
 def _find_indexed_argument(
-    trace: Trace, site: dict, args: tuple, kwargs: dict
+    trace: Trace, site: Any, args: tuple, kwargs: dict
 ) -> Optional[Tuple[str, Any, torch.Tensor]]:
     """
     Find an argument ``data`` with ``obs == data[indices]`` for the subsample indices of a plate
@@ -178,7 +178,7 @@ def guide_arguments(
     unmatched = []
     for name, value in observations.items():
         site = trace.nodes[name]
-        obs = site["infer"]["obs"]
+        obs = (site["infer"] or {}).get("obs")
         if isinstance(obs, torch.Tensor) and value.numel() != obs.numel():
             raise FantasyError(
                 f"The fantasy of observed site '{name}' has shape {tuple(value.shape)} but its "
@@ -186,7 +186,7 @@ def guide_arguments(
                 "on broadcasting against the data. Give it the observation's full shape (for "
                 "example with .expand(...) or .to_event(...)) so that it can generate data."
             )
-        slot = _find_argument(site["infer"]["obs"], args, kwargs)
+        slot = _find_argument(obs, args, kwargs)
         if slot is not None:
             where, key = slot
             target = args[key] if where == "args" else kwargs[key]

@@ -91,7 +91,8 @@ def atomic_write(path: PathLike, write: Any, mode: str = "wb") -> None:
     prefix = f"{_temporary_prefix(path)}{os.getpid()}@{socket.gethostname()}."
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""})) as f:
+        newline = None if "b" in mode else ""
+        with os.fdopen(fd, mode, newline=newline) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

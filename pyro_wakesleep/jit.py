@@ -127,7 +127,7 @@ def _shape_depends_on_values(node: Node) -> bool:
     if target.overloadpacket in (aten.index_put, aten.index_put_):
         return False  # the output has the input's shape
     if target.overloadpacket is aten.index:
-        indices = node.args[1] if len(node.args) > 1 else []
+        indices: Any = node.args[1] if len(node.args) > 1 else []
         return any(
             isinstance(i, Node)
             and isinstance(i.meta.get("val"), torch.Tensor)

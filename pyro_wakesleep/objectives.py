@@ -50,7 +50,7 @@ References
 from __future__ import annotations
 
 import math
-from numbers import Number
+from numbers import Number, Real
 from typing import Iterable, List, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -113,7 +113,7 @@ def _common_scale(traces: Sequence[Trace]) -> Optional[float]:
     for trace in traces:
         for site in sample_sites(trace):
             s = site["scale"]
-            if not isinstance(s, Number):
+            if not isinstance(s, Real):
                 return None
             if scale is None:
                 scale = float(s)
@@ -164,13 +164,15 @@ def log_weights(
     plates = local_plates(traces)
     scale = _common_scale(traces)
     scaled = scale is None
-    keep = set(plates.values())
-    ndim = max([-d for d in keep], default=0)
+    dims = set(plates.values())
+    ndim = max([-d for d in dims], default=0)
+    particle_dim = 0
     if vectorized:
+        assert max_plate_nesting is not None, "vectorized particles need max_plate_nesting"
         particle_dim = -(max_plate_nesting + 1)
-        keep.add(particle_dim)
+        dims.add(particle_dim)
         ndim = max(ndim, max_plate_nesting + 1)
-    keep = frozenset(keep)
+    keep = frozenset(dims)
 
     def dims_needed(trace: Trace) -> int:
         return max([len(site["fn"].batch_shape) for site in sample_sites(trace)], default=0)
@@ -184,10 +186,12 @@ def log_weights(
             result = term if result is None else result + term
         return result
 
-    log_p = [total(t) for t in model_traces]
-    log_q = [total(t) for t in guide_traces]
+    log_p = [_present(total(t)) for t in model_traces]
     # A guide with no sample sites (a model without latents) contributes log q = 0.
-    log_q = [torch.zeros_like(lp) if lq is None else lq for lp, lq in zip(log_p, log_q)]
+    log_q = [
+        torch.zeros_like(lp) if lq is None else lq
+        for lp, lq in zip(log_p, (total(t) for t in guide_traces))
+    ]
     if vectorized:
         log_p_k, log_q_k = torch.broadcast_tensors(
             log_p[0].movedim(ndim + particle_dim, 0), log_q[0].movedim(ndim + particle_dim, 0)
@@ -196,7 +200,13 @@ def log_weights(
         both = torch.broadcast_tensors(*log_p, *log_q)
         log_p_k = torch.stack(both[: len(log_p)])
         log_q_k = torch.stack(both[len(log_p) :])
-    return LogWeights(log_p_k, log_q_k, 1.0 if scaled else scale)
+    return LogWeights(log_p_k, log_q_k, 1.0 if scale is None else scale)
+
+
+def _present(log_p: Optional[torch.Tensor]) -> torch.Tensor:
+    if log_p is None:
+        raise ValueError("The model has no sample site: there is nothing to fit.")
+    return log_p
 
 
 def wake_theta_loss(weights: LogWeights) -> torch.Tensor:

@@ -78,14 +78,14 @@ def encode_constraint(constraint: constraints.Constraint) -> Union[str, Dict[str
 
     :raises TypeError: for a constraint defined elsewhere.
     """
-    for name, value in _singletons().items():
-        if constraint is value:
+    for name, known in _singletons().items():
+        if constraint is known:
             return name
     for name, attributes in _PARAMETERIZED.items():
         if type(constraint) is getattr(constraints, name):
             spec: Dict[str, Any] = {"name": name}
             for attribute in attributes:
-                value = getattr(constraint, attribute)
+                value: Any = getattr(constraint, attribute)
                 if isinstance(value, constraints.Constraint):
                     value = encode_constraint(value)
                 elif isinstance(value, torch.Tensor):

@@ -105,7 +105,7 @@ def plate_nesting(*traces: Trace) -> int:
 def params(trace: Trace) -> Dict[str, torch.Tensor]:
     """The unconstrained parameters a trace touched, by name."""
     return {
-        name: site["value"].unconstrained()
+        name: site["value"].unconstrained()  # type: ignore[union-attr]
         for name, site in trace.nodes.items()
         if site["type"] == "param"
     }

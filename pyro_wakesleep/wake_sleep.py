@@ -288,6 +288,7 @@ class WakeSleep:
                 total = phases.total
                 if isinstance(total, torch.Tensor) and total.requires_grad:
                     total.backward()
+                assert self.optim is not None and self.guide_optim is not None
                 updates = [(self.optim, list(phases.theta.values()))] if wake else []
                 updates += [(self.guide_optim, list(phases.phi_params.values()))] if sleep else []
                 # Before the sync, so that a failure is every process's; dropped again if
@@ -327,9 +328,9 @@ class WakeSleep:
         if update:
             theta, phi = list(phases.theta.values()), list(phases.phi_params.values())
             if wake and theta:
-                self.optim(theta)
+                self.optim(theta)  # type: ignore[misc]  # not None: an update has an optimizer
             if sleep and phi:
-                self.guide_optim(phi)
+                self.guide_optim(phi)  # type: ignore[misc]
             for p in theta + phi:
                 p.grad = None
             self.num_steps += 1

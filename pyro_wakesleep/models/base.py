@@ -6,7 +6,7 @@ conditionals; and :class:`BernoulliUnits`, their binary units.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union, cast
 
 import pyro
 import pyro.distributions as dist
@@ -14,6 +14,8 @@ import torch
 from pyro import poutine
 from torch import nn
 from torch.nn import functional
+
+from ..traces import guide_then_model
 
 Hidden = Union[int, Sequence[int]]
 
@@ -152,7 +154,7 @@ class ModelGuidePair(nn.Module):
         dummy = torch.zeros(num, self.x_dim, dtype=ref.dtype, device=ref.device)
         with poutine.block():
             trace = poutine.trace(poutine.uncondition(self.model)).get_trace(dummy)
-        return trace.nodes["x"]["value"]
+        return cast(torch.Tensor, trace.nodes["x"]["value"])
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,6 +167,6 @@ class ModelGuidePair(nn.Module):
         :returns: the reconstructions, of shape ``(N, x_dim)``.
         """
         with poutine.block():
-            guide_trace = poutine.trace(self.guide).get_trace(x)
-            model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(x)
-        return model_trace.nodes["x"]["fn"].mean
+            model_trace, _ = guide_then_model(self.model, self.guide, (x,), {})
+        observation: Any = model_trace.nodes["x"]["fn"]
+        return observation.mean

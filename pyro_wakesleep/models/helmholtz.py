@@ -43,11 +43,15 @@ from .base import BernoulliUnits, Hidden, ModelGuidePair, mlp
 
 
 def _last_linear(f: nn.Module) -> nn.Linear:
-    return f if isinstance(f, nn.Linear) else [m for m in f if isinstance(m, nn.Linear)][-1]
+    linears = [m for m in f.modules() if isinstance(m, nn.Linear)]
+    return linears[-1]
 
 
 class _SigmoidBeliefNet(nn.Module):
     """The generative half: top-layer prior logits and top-down maps ``f_L, ..., f_1``."""
+
+    prior_logits: nn.Parameter
+    top_down: nn.ModuleList
 
     def __init__(self, layer_sizes: Sequence[int], hidden: Hidden) -> None:
         super().__init__()
@@ -76,6 +80,9 @@ class HelmholtzMachine(ModelGuidePair):
         :math:`f_l, g_l` (empty: affine maps, the classic Helmholtz machine).
     :param name: the prefix of the parameter names in Pyro's parameter store.
     """
+
+    generative: _SigmoidBeliefNet
+    recognition: nn.ModuleList
 
     def __init__(
         self, layer_sizes: Sequence[int], hidden: Hidden = (), *, name: str = "helmholtz"
@@ -113,7 +120,7 @@ class HelmholtzMachine(ModelGuidePair):
             p.copy_(scale * torch.randn_like(p))
         for i, f in enumerate(self.generative.top_down):
             _last_linear(f).bias.fill_(data_bias if i == 0 else hidden_bias)
-        for g in self.recognition[:-1]:
+        for g in list(self.recognition)[:-1]:
             _last_linear(g).bias.fill_(hidden_bias)
         return self
 

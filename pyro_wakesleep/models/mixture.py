@@ -42,6 +42,10 @@ from .base import Hidden, ModelGuidePair, mlp
 class _MixtureParameters(nn.Module):
     """The generative half: mixture logits, component means and log-scales."""
 
+    logits: nn.Parameter
+    means: nn.Parameter
+    log_scales: nn.Parameter
+
     def __init__(self, num_components: int, x_dim: int) -> None:
         super().__init__()
         self.logits = nn.Parameter(torch.zeros(num_components))
@@ -62,6 +66,8 @@ class GaussianMixture(ModelGuidePair):
     :param hidden: the hidden layer size(s) of the guide's network (tanh; 0 for affine).
     :param name: the prefix of the parameter names in Pyro's parameter store.
     """
+
+    generative: _MixtureParameters
 
     def __init__(
         self, num_components: int, x_dim: int, hidden: Hidden = 32, *, name: str = "mixture"
