@@ -18,6 +18,9 @@ small shipped subset of binarized MNIST, and the bars problem.
 - :class:`Bars` is the bars problem of Hinton, Dayan, Frey & Neal (1995), with its exact data
   distribution, entropy and KL divergence to a model.
 - :func:`load_dataset` picks one of these by name.
+- :func:`read_npz`, :func:`npz_bytes`, :func:`write_atomic` and :func:`packed_sha256` are the
+  file helpers these use: ``.npz`` archives read without pickle, ``.npz`` bytes that depend only
+  on the arrays, atomic writes, and the checksum of bit-packed rows.
 
 Every missing or malformed file raises :class:`DatasetError`, whose one-line message names the
 file, what is wrong and how to fix it.
@@ -59,6 +62,10 @@ __all__ = [
     "load_dataset",
     "load_digits",
     "load_mnist",
+    "npz_bytes",
+    "packed_sha256",
+    "read_npz",
+    "write_atomic",
 ]
 
 PathLike = Union[str, Path]
@@ -128,13 +135,14 @@ def _resolve_cache_dir(cache_dir: PathLike | None) -> Path:
     return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
 
-def _npz_bytes(arrays: Mapping[str, np.ndarray], compresslevel: int = 6) -> bytes:
+def npz_bytes(arrays: Mapping[str, np.ndarray], compresslevel: int = 6) -> bytes:
     """
     A compressed ``.npz`` whose bytes depend only on the arrays (fixed member timestamps), so
     rewriting the same arrays gives the same file. ``np.load`` reads it like any other ``.npz``.
 
     :param arrays: name -> array; no object arrays.
     :param compresslevel: zlib level, 0..9 (9 is about 5x slower than 6 for 3% less).
+    :returns: the bytes of the ``.npz`` file (write them with :func:`write_atomic`).
     """
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -148,12 +156,12 @@ def _npz_bytes(arrays: Mapping[str, np.ndarray], compresslevel: int = 6) -> byte
     return buffer.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     """
     Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``,
     so ``path`` is either absent, the old file or the complete new one, never a partial file.
 
-    :param path: the destination.
+    :param path: the destination; missing parent folders are created.
     :param data: the bytes to write.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,19 +178,27 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _packed_sha256(packed: np.ndarray) -> str:
+def packed_sha256(packed: np.ndarray) -> str:
     """
-    :param packed: bit-packed rows, uint8 (N, 98).
+    The checksum of bit-packed rows, as in :data:`BINARIZED_MNIST_SHA256`: the sha256 of their
+    bytes in row-major order.
+
+    :param packed: bit-packed rows, uint8 (N, 98), i.e. ``np.packbits(rows, axis=1)`` of the
+        uint8 0/1 rows (N, 784).
+    :returns: the hex digest.
     """
     return hashlib.sha256(np.ascontiguousarray(packed, dtype=np.uint8).tobytes()).hexdigest()
 
 
-def _read_npz(path: Path | io.BytesIO, name: object) -> dict[str, np.ndarray]:
+def read_npz(path: Path | io.BytesIO, name: object) -> dict[str, np.ndarray]:
     """
     All arrays of an ``.npz``, read eagerly without pickle.
 
     :param path: the file, or an in-memory copy of it.
     :param name: how to name the file in error messages.
+    :returns: array name -> array.
+    :raises DatasetError: the file is missing, a single ``.npy`` array, truncated or corrupt, or
+        holds object arrays (which would need pickle).
     """
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -254,7 +270,7 @@ def _load_compact(path: Path, check_sizes: bool) -> dict[str, np.ndarray]:
     :param path: the file.
     :param check_sizes: require 50,000 / 10,000 / 10,000 rows.
     """
-    arrays = _read_npz(path, path)
+    arrays = read_npz(path, path)
     missing = [split for split in _SPLITS if split not in arrays]
     if missing:
         raise _error(
@@ -526,9 +542,9 @@ def download_binarized_mnist(
     target = cache / _COMPACT_NAME
     if target.exists():
         try:
-            arrays = _read_npz(target, target)
+            arrays = read_npz(target, target)
             if all(
-                split in arrays and _packed_sha256(arrays[split]) == checksums[split]
+                split in arrays and packed_sha256(arrays[split]) == checksums[split]
                 for split in _SPLITS
             ):
                 return target
@@ -553,7 +569,7 @@ def download_binarized_mnist(
                     "check the network, or fetch the .amat files yourself and pass path=",
                 ) from err
             packed[split] = np.packbits(_parse_amat(file, name=url), axis=1)
-            digest = _packed_sha256(packed[split])
+            digest = packed_sha256(packed[split])
             if digest != checksums[split]:
                 raise _error(
                     url,
@@ -564,7 +580,7 @@ def download_binarized_mnist(
                 )
             file.unlink()
         packed["shape"] = np.array([28, 28], dtype=np.int64)
-        _write_atomic(target, _npz_bytes(packed))
+        write_atomic(target, npz_bytes(packed))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return target
@@ -604,7 +620,7 @@ def load_mnist(path: PathLike, *, check_sizes: bool = True) -> dict[str, torch.T
     path = Path(path).expanduser()
     if path.is_dir() or path.suffix.lower() != ".npz":
         raise _error(path, "is not an .npz file", "pass an mnist.npz with x_train/y_train/...")
-    arrays = _read_npz(path, path)
+    arrays = read_npz(path, path)
     fix = "expected uint8 x_train (N, 28, 28), y_train (N,), x_test and y_test as in mnist.npz"
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
@@ -679,7 +695,7 @@ def load_digits() -> dict[str, torch.Tensor]:
         data = resource.read_bytes()
     except OSError as err:
         raise _error(name, "is missing from the installed package", fix) from err
-    arrays = _read_npz(io.BytesIO(data), name)
+    arrays = read_npz(io.BytesIO(data), name)
     for key in ("train", "test", "test_labels"):
         if key not in arrays:
             raise _error(name, f"has no array '{key}'", fix)
