@@ -3,15 +3,20 @@ Tests of pyro_wakesleep.datasets: binarized MNIST (compact .npz, .amat text, dow
 MNIST and dynamic binarization, the shipped digits subset, the bars problem, load_dataset.
 
 No test uses the network: sockets are disabled for this module, and downloads are served from
-local file:// URLs or a fake opener. Tests that need the project's shared data
-(../shared/data relative to the repository root, see its SOURCES.md) skip when it is absent.
+local file:// URLs or from memory by an opener installed with urllib.request.install_opener.
+Tests that need the project's shared data (../shared/data relative to the repository root, see
+its SOURCES.md) skip when it is absent.
 """
 
 import io
 import math
 import socket
 import sys
+import urllib.error
+import urllib.request
+import urllib.response
 import zipfile
+from email.message import Message
 from importlib import resources
 from pathlib import Path
 
@@ -33,6 +38,7 @@ from pyro_wakesleep.datasets import (
     load_dataset,
     load_digits,
     load_mnist,
+    packed_sha256,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,8 +119,8 @@ def random_splits(seed=0, sizes=(7, 5, 3)):
     return {s: (rng.random((n, 784)) < 0.3).astype(np.uint8) for s, n in zip(SPLITS, sizes)}
 
 
-def packed_sha256(rows):
-    return datasets._packed_sha256(np.packbits(rows.astype(np.uint8), axis=1))
+def rows_sha256(rows):
+    return packed_sha256(np.packbits(rows.astype(np.uint8), axis=1))
 
 
 def assert_one_line_naming(err, path):
@@ -143,7 +149,7 @@ def test_shared_binarized_mnist_shapes_values_and_means():
 @needs_binarized
 def test_hard_coded_checksums_are_those_of_the_shared_file():
     with np.load(BINARIZED) as f:
-        assert {s: datasets._packed_sha256(f[s]) for s in SPLITS} == BINARIZED_MNIST_SHA256
+        assert {s: packed_sha256(f[s]) for s in SPLITS} == BINARIZED_MNIST_SHA256
 
 
 # ---------------------------------------------------------------------------- .amat text
@@ -380,8 +386,53 @@ def served(tmp_path):
     """Small .amat files in a local folder, its file:// URL, and their checksums."""
     splits = random_splits(seed=1)
     folder = write_amat_dir(tmp_path / "server", splits)
-    sums = {s: packed_sha256(r) for s, r in splits.items()}
+    sums = {s: rows_sha256(r) for s, r in splits.items()}
     return splits, folder.as_uri() + "/", sums
+
+
+class CountingFileHandler(urllib.request.FileHandler):
+    """Opens file:// URLs as usual and records each one."""
+
+    def __init__(self):
+        super().__init__()
+        self.requested = []
+
+    def file_open(self, req):
+        self.requested.append(req.full_url)
+        return super().file_open(req)
+
+
+class PagesHandler(urllib.request.BaseHandler):
+    """Serves http:// URLs from memory (url -> bytes), before any real HTTP handler, and
+    records each request."""
+
+    handler_order = 100
+
+    def __init__(self, pages):
+        self.pages = pages
+        self.requested = []
+
+    def http_open(self, req):
+        url = req.full_url
+        self.requested.append(url)
+        if url not in self.pages:
+            raise urllib.error.URLError(f"{url} is not served")
+        response = urllib.response.addinfourl(io.BytesIO(self.pages[url]), Message(), url, 200)
+        response.msg = "OK"
+        return response
+
+
+@pytest.fixture
+def install_opener():
+    """Install a urllib opener built from the given handlers, the one ``urlopen`` uses; the
+    default opener is restored afterwards."""
+
+    def install(*handlers):
+        urllib.request.install_opener(urllib.request.build_opener(*handlers))
+        return handlers
+
+    yield install
+    urllib.request.install_opener(None)
 
 
 def test_download_from_a_local_url(tmp_path, served):
@@ -396,17 +447,11 @@ def test_download_from_a_local_url(tmp_path, served):
         assert f["shape"].tolist() == [28, 28]
 
 
-def test_cache_hit_does_not_download_again(tmp_path, monkeypatch, served):
+def test_cache_hit_does_not_download_again(tmp_path, install_opener, served):
     splits, url, sums = served
     cache = tmp_path / "cache"
-    calls = []
-    real_urlopen = datasets.urlopen
-
-    def counting_urlopen(*args, **kwargs):
-        calls.append(args[0])
-        return real_urlopen(*args, **kwargs)
-
-    monkeypatch.setattr(datasets, "urlopen", counting_urlopen)
+    (opener,) = install_opener(CountingFileHandler())
+    calls = opener.requested
     first = download_binarized_mnist(cache, base_url=url, checksums=sums)
     assert len(calls) == 3
     before = first.read_bytes()
@@ -466,31 +511,35 @@ def test_default_cache_folder_comes_from_the_environment(tmp_path, monkeypatch, 
     assert default_cache_dir() == Path.home() / ".cache" / "pyro_wakesleep"
 
 
-def test_load_with_download_uses_the_module_url(tmp_path, monkeypatch, served):
-    splits, url, sums = served
-    monkeypatch.setattr(datasets, "BINARIZED_MNIST_URL", url)
-    monkeypatch.setattr(datasets, "BINARIZED_MNIST_SHA256", sums)
-    data = load_binarized_mnist(cache_dir=tmp_path / "c", download=True, check_sizes=False)
-    assert np.array_equal(data["train"].numpy(), splits["train"])
+def test_load_with_download_uses_the_module_url_and_checksums(tmp_path, install_opener):
+    """The small fixture rows served at the real URLs: load_binarized_mnist(download=True)
+    fetches BINARIZED_MNIST_URL and refuses the rows by BINARIZED_MNIST_SHA256."""
+    splits = random_splits(seed=1)
+    pages = {
+        BINARIZED_MNIST_URL + f"binarized_mnist_{s}.amat": amat_bytes(splits[s]) for s in SPLITS
+    }
+    (server,) = install_opener(PagesHandler(pages))
+    cache = tmp_path / "c"
+    with pytest.raises(DatasetError, match="checksum mismatch for split 'train'") as err:
+        load_binarized_mnist(cache_dir=cache, download=True, check_sizes=False)
+    assert_one_line_naming(err, BINARIZED_MNIST_URL + "binarized_mnist_train.amat")
+    assert f"expected {BINARIZED_MNIST_SHA256['train']}" in str(err.value)
+    assert f"packed rows {rows_sha256(splits['train'])}" in str(err.value)
+    assert server.requested == [BINARIZED_MNIST_URL + "binarized_mnist_train.amat"]
+    assert list(cache.iterdir()) == []
 
 
 @needs_binarized
-def test_full_download_from_the_real_urls_with_a_fake_opener(tmp_path, monkeypatch, shared_rows):
+def test_full_download_from_the_real_urls_with_a_fake_opener(tmp_path, install_opener, shared_rows):
     """The real URLs and the hard-coded checksums, served from memory: the .amat text of the
     shared file. The cached npz holds exactly the shared arrays."""
     pages = {
         BINARIZED_MNIST_URL + f"binarized_mnist_{s}.amat": amat_bytes(shared_rows[s])
         for s in SPLITS
     }
-    requested = []
-
-    def fake_urlopen(url, timeout=None):
-        requested.append(url)
-        return io.BytesIO(pages[url])
-
-    monkeypatch.setattr(datasets, "urlopen", fake_urlopen)
+    (server,) = install_opener(PagesHandler(pages))
     path = download_binarized_mnist(tmp_path / "cache")
-    assert requested == list(pages)
+    assert server.requested == list(pages)
     with np.load(path) as got, np.load(BINARIZED) as want:
         for s in SPLITS:
             assert np.array_equal(got[s], want[s])

@@ -35,10 +35,10 @@ from typing import Union
 import numpy as np
 
 from pyro_wakesleep.datasets import (
-    _npz_bytes,
-    _write_atomic,
     binarized_mnist_test_labels,
     load_binarized_mnist,
+    npz_bytes,
+    write_atomic,
 )
 
 NUM_TRAIN = 3000
@@ -84,7 +84,7 @@ def make_digits(
     :param out: where to write (default: next to this script, the shipped file).
     """
     out = DEFAULT_OUT if out is None else Path(out)
-    _write_atomic(out, _npz_bytes(digits_arrays(binarized_mnist, mnist), compresslevel=9))
+    write_atomic(out, npz_bytes(digits_arrays(binarized_mnist, mnist), compresslevel=9))
     return out
 
 
