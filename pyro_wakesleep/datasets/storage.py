@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Mapping, Union
 
 import numpy as np
 
+from ..files import atomic_write
 from .errors import DatasetError, dataset_error
 
 #: What the loaders accept as a file or folder name.
@@ -46,24 +45,14 @@ def npz_bytes(arrays: Mapping[str, np.ndarray], compresslevel: int = 6) -> bytes
 
 def write_atomic(path: Path, data: bytes) -> None:
     """
-    Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``,
-    so ``path`` is either absent, the old file or the complete new one, never a partial file.
+    Write ``data`` to ``path`` atomically (:func:`pyro_wakesleep.files.atomic_write`): ``path``
+    is either absent, the old file or the complete new one, never a partial file.
 
     :param path: the destination; missing parent folders are created.
     :param data: the bytes to write.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the result is an ordinary data file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: f.write(data))
 
 
 def packed_sha256(packed: np.ndarray) -> str:
