@@ -48,8 +48,9 @@ def test_docs_build_without_warnings(tmp_path):
         timeout=300,
     )
     text = warnings.read_text() if warnings.exists() else ""
-    assert result.returncode == 0, f"sphinx failed:\n{text}\n{result.stderr[-4000:]}"
-    assert not text.strip(), text
+    assert result.returncode == 0 and not text.strip(), (
+        f"sphinx failed:\n{text.strip() or result.stderr[-4000:]}"
+    )
     api = (tmp_path / "html" / "docs" / "api.html").read_text()
     assert 'id="pyro_wakesleep.WakeSleep"' in api
     assert (tmp_path / "html" / "index.html").exists()  # the redirect to docs/index.html
