@@ -1,4 +1,5 @@
-"""The project's own promises: CI runs the README's test command, the quickstart runs."""
+"""The project's own promises: CI runs the README's test command, the quickstart runs, the
+repository is lint-clean."""
 
 import re
 import subprocess
@@ -62,3 +63,15 @@ def test_readme_figures_exist():
     assert figures
     for figure in figures:
         assert (ROOT / figure).read_bytes().startswith(b"\x89PNG"), figure
+
+
+def test_ruff_check_is_clean():
+    """``ruff check .`` on the whole repository (the rules in pyproject.toml) finds nothing."""
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--no-cache", "."],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
