@@ -44,12 +44,12 @@ as :func:`pyro_wakesleep.objectives.log_weights` does. Evaluate without subsampl
 
 References
 
-[1] Y. Burda, R. Grosse, R. Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016.
-[2] A. Kong, "A note on importance sampling using standardized weights", Technical Report 348,
-    University of Chicago, Dept. of Statistics (1992).
-[3] A. B. Owen, *Monte Carlo theory, methods and examples* (2013), ch. 9 (importance sampling,
-    effective sample size, the delta method for ratio estimates).
-[4] J. Bornschein, Y. Bengio, "Reweighted Wake-Sleep", ICLR 2015.
+- [1] Y. Burda, R. Grosse, R. Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016.
+- [2] A. Kong, "A note on importance sampling using standardized weights", Technical Report 348,
+  University of Chicago, Dept. of Statistics (1992).
+- [3] A. B. Owen, *Monte Carlo theory, methods and examples* (2013), ch. 9 (importance sampling,
+  effective sample size, the delta method for ratio estimates).
+- [4] J. Bornschein, Y. Bengio, "Reweighted Wake-Sleep", ICLR 2015.
 """
 
 from __future__ import annotations

@@ -63,6 +63,9 @@ class WakeSleepLoss(ELBO):
     r"""
     The (reweighted) wake-sleep objective of a model and guide.
 
+    It is an :class:`~pyro.infer.ELBO` so that :class:`~pyro.infer.SVI` takes it as it takes
+    Pyro's ``ReweightedWakeSleep``; only the methods of the ELBO interface are used.
+
     :param int num_particles: :math:`K`, the number of guide samples per data point in the wake
         phase. ``1`` is classic wake-sleep; ``K > 1`` is reweighted wake-sleep.
     :param int num_sleep_particles: the number of fantasies per data point in the sleep phase.
@@ -79,9 +82,6 @@ class WakeSleepLoss(ELBO):
     :param fantasy_args: an optional ``fantasy_args(observations, *args, **kwargs)`` returning
         the guide's ``(args, kwargs)`` for the sleep phase, for models whose observations are not
         simply one of their arguments (see :mod:`pyro_wakesleep.fantasies`).
-    It is an :class:`~pyro.infer.ELBO` so that :class:`~pyro.infer.SVI` takes it as it takes
-    Pyro's ``ReweightedWakeSleep``; only the methods of the ELBO interface are used.
-
     :param bool full_validation: with Pyro's validation enabled (its default), run all of
         Pyro's distribution checks on every computation. By default they run on the first
         one only; later ones check the support of every observed value, but do not re-check

@@ -40,11 +40,11 @@ weights themselves (a tempered weight, as in Pyro's ``ReweightedWakeSleep``). Wi
 
 References
 
-[1] G. E. Hinton, P. Dayan, B. J. Frey, R. M. Neal, "The wake-sleep algorithm for
-    unsupervised neural networks", Science 268 (1995).
-[2] J. Bornschein, Y. Bengio, "Reweighted Wake-Sleep", ICLR 2015.
-[3] T. A. Le, A. R. Kosiorek, N. Siddharth, Y. W. Teh, F. Wood, "Revisiting Reweighted
-    Wake-Sleep for Models with Stochastic Control Flow", UAI 2019.
+- [1] G. E. Hinton, P. Dayan, B. J. Frey, R. M. Neal, "The wake-sleep algorithm for
+  unsupervised neural networks", Science 268 (1995).
+- [2] J. Bornschein, Y. Bengio, "Reweighted Wake-Sleep", ICLR 2015.
+- [3] T. A. Le, A. R. Kosiorek, N. Siddharth, Y. W. Teh, F. Wood, "Revisiting Reweighted
+  Wake-Sleep for Models with Stochastic Control Flow", UAI 2019.
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ reparameterized, so the same pair also runs under :class:`~pyro.infer.Trace_ELBO
 
 References
 
-[1] D. P. Kingma, M. Welling, "Auto-Encoding Variational Bayes", ICLR 2014.
-[2] G. E. Hinton, P. Dayan, B. J. Frey, R. M. Neal, "The wake-sleep algorithm for
-    unsupervised neural networks", Science 268 (1995).
+- [1] D. P. Kingma, M. Welling, "Auto-Encoding Variational Bayes", ICLR 2014.
+- [2] G. E. Hinton, P. Dayan, B. J. Frey, R. M. Neal, "The wake-sleep algorithm for
+  unsupervised neural networks", Science 268 (1995).
 """
 
 from __future__ import annotations

@@ -24,11 +24,11 @@ stochastic, so the pair is the natural case for wake-sleep: no reparameterizatio
 
 References
 
-[1] G. E. Hinton, P. Dayan, B. J. Frey, R. M. Neal, "The wake-sleep algorithm for
-    unsupervised neural networks", Science 268 (1995).
-[2] P. Dayan, G. E. Hinton, R. M. Neal, R. S. Zemel, "The Helmholtz machine", Neural
-    Computation 7 (1995).
-[3] J. Bornschein, Y. Bengio, "Reweighted Wake-Sleep", ICLR 2015.
+- [1] G. E. Hinton, P. Dayan, B. J. Frey, R. M. Neal, "The wake-sleep algorithm for
+  unsupervised neural networks", Science 268 (1995).
+- [2] P. Dayan, G. E. Hinton, R. M. Neal, R. S. Zemel, "The Helmholtz machine", Neural
+  Computation 7 (1995).
+- [3] J. Bornschein, Y. Bengio, "Reweighted Wake-Sleep", ICLR 2015.
 """
 
 from __future__ import annotations

@@ -20,11 +20,11 @@ with k-means++ (Arthur & Vassilvitskii 2007), which avoids that for well-separat
 
 References
 
-[1] G. E. Hinton, P. Dayan, B. J. Frey, R. M. Neal, "The wake-sleep algorithm for
-    unsupervised neural networks", Science 268 (1995).
-[2] D. Arthur, S. Vassilvitskii, "k-means++: the advantages of careful seeding", SODA 2007.
-[3] T. A. Le, A. R. Kosiorek, N. Siddharth, Y. W. Teh, F. Wood, "Revisiting Reweighted
-    Wake-Sleep for Models with Stochastic Control Flow", UAI 2019.
+- [1] G. E. Hinton, P. Dayan, B. J. Frey, R. M. Neal, "The wake-sleep algorithm for
+  unsupervised neural networks", Science 268 (1995).
+- [2] D. Arthur, S. Vassilvitskii, "k-means++: the advantages of careful seeding", SODA 2007.
+- [3] T. A. Le, A. R. Kosiorek, N. Siddharth, Y. W. Teh, F. Wood, "Revisiting Reweighted
+  Wake-Sleep for Models with Stochastic Control Flow", UAI 2019.
 """
 
 from __future__ import annotations
