@@ -33,10 +33,11 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import pyro
 import torch
 
-from .checkpoint import CheckpointError
-from .datasets import Bars, DatasetError, load_dataset
-from .evaluate import evaluate_dataset, exact_log_likelihood
-from .models import GaussianHelmholtz, HelmholtzMachine
+from .. import CheckpointError, NonFiniteLossError, WakeSleep
+from ..checkpoint import read
+from ..datasets import Bars, DatasetError, load_dataset
+from ..evaluate import evaluate_dataset, exact_log_likelihood
+from ..models import GaussianHelmholtz, HelmholtzMachine
 from .runs import (
     CHECKPOINT,
     CONFIG,
@@ -52,7 +53,6 @@ from .runs import (
     write_figure,
     write_json,
 )
-from .wake_sleep import NonFiniteLossError, WakeSleep
 
 METRIC_FIELDS = [
     "step",
@@ -863,8 +863,6 @@ def read_run(folder: Path) -> SavedRun:
         ``config.json`` of another run.
     :raises CheckpointError: the checkpoint cannot be read safely.
     """
-    from . import checkpoint
-
     folder = Path(folder)
     path = folder / CHECKPOINT
     if not folder.exists():
@@ -879,7 +877,7 @@ def read_run(folder: Path) -> SavedRun:
                 f"before its first checkpoint; start it again with --output {folder} --overwrite"
             )
         raise CommandError(f"{path}: no checkpoint (is {folder} a pyro-wakesleep run folder?)")
-    run = checkpoint.read(path)["extra"].get("run")
+    run = read(path)["extra"].get("run")
     if not isinstance(run, dict) or run.get("version") != RUN_STATE_VERSION:
         raise CommandError(
             f"{path}: a WakeSleep checkpoint without the state of a pyro-wakesleep train run "
