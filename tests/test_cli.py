@@ -133,15 +133,15 @@ def test_bars_reports_exact_kl(tmp_path, capsys):
 
 
 def test_lr_decay_schedule():
-    from pyro_wakesleep.cli import _lr_factor
+    from pyro_wakesleep.cli import lr_factor
 
     config = {"lr_decay": 0.6, "lr_final": 0.01}
-    assert _lr_factor(config, 0, 100) == 1.0
-    assert _lr_factor(config, 39, 100) == 1.0
-    assert _lr_factor(config, 40, 100) == pytest.approx(1.0)
-    assert _lr_factor(config, 70, 100) == pytest.approx(0.1)  # half-way down, geometrically
-    assert _lr_factor(config, 100, 100) == pytest.approx(0.01)
-    assert _lr_factor({"lr_decay": 0.0, "lr_final": 0.01}, 99, 100) == 1.0
+    assert lr_factor(config, 0, 100) == 1.0
+    assert lr_factor(config, 39, 100) == 1.0
+    assert lr_factor(config, 40, 100) == pytest.approx(1.0)
+    assert lr_factor(config, 70, 100) == pytest.approx(0.1)  # half-way down, geometrically
+    assert lr_factor(config, 100, 100) == pytest.approx(0.01)
+    assert lr_factor({"lr_decay": 0.0, "lr_final": 0.01}, 99, 100) == 1.0
 
 
 @pytest.mark.parametrize(
