@@ -13,7 +13,7 @@ import torch
 from .. import WakeSleep
 from ..models import GaussianHelmholtz, HelmholtzMachine
 from .errors import CommandError
-from .optimizers import make_optimizer
+from .optimizers import Schedule, make_optimizer
 from .tasks import TASKS
 
 
@@ -62,17 +62,19 @@ def build_model(config: Dict[str, Any], name: Optional[str] = None) -> torch.nn.
     )
 
 
-def build_wake_sleep(net: torch.nn.Module, config: Dict[str, Any]) -> WakeSleep:
+def build_wake_sleep(
+    net: torch.nn.Module, config: Dict[str, Any], schedule: Optional[Schedule] = None
+) -> WakeSleep:
     """
     The WakeSleep that trains ``net`` as configured: the model's and the guide's optimizers
-    the estimator and ``jit``.
+    (scheduled by ``schedule`` when given), the estimator and ``jit``.
     """
     guide_lr = config["guide_lr"] or config["lr"]
     return WakeSleep(
         net.model,
         net.guide,
-        make_optimizer(config["optimizer"], config["lr"]),
-        guide_optim=make_optimizer(config["optimizer"], guide_lr),
+        make_optimizer(config["optimizer"], config["lr"], schedule),
+        guide_optim=make_optimizer(config["optimizer"], guide_lr, schedule),
         num_particles=config["num_particles"],
         num_sleep_particles=config["num_sleep_particles"],
         phi_objective=config["phi_objective"],

@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 import pyro
 
 from .build import build_model, build_wake_sleep, resolve_device
+from .optimizers import lr_schedule
 from .runs import CHECKPOINT
 from .state import read_run
 from .tasks import load_task
@@ -53,6 +54,8 @@ def evaluate(
     pyro.clear_param_store()
     task = load_task(config, dev)
     net = build_model(config).to(dev)
-    build_wake_sleep(net, config).load(folder / CHECKPOINT, task.probe_batch())
+    total = config["epochs"] * task.batches_per_epoch(config["batch_size"])
+    ws = build_wake_sleep(net, config, lr_schedule(config, total))
+    ws.load(folder / CHECKPOINT, task.probe_batch())
     pyro.set_rng_seed(config["seed"])
     return task.evaluate(net, num_samples, chunk_size, batch_size)

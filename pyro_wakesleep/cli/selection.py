@@ -6,31 +6,35 @@ best kept by successive ranking on held-in training data.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import pyro
 import torch
 
 from .. import WakeSleep
 from .build import build_model, build_wake_sleep, shrink_weights
+from .optimizers import Schedule
 from .tasks import Task
 
 
 def select_candidate(
     config: Dict[str, Any],
     task: Task,
+    schedule: Optional[Schedule],
     log: Callable[[str], Any],
 ) -> Tuple[torch.nn.Module, WakeSleep]:
     """
     Train ``candidates`` networks from different seeds, ranking them at each of
     ``selection_steps`` by the mean log-likelihood of the task's held-in training data (never
-    the test data): a third survive each ranking, one the last.
+    the test data): a third survive each ranking, one the last. The candidates' schedules are
+    not stepped: their steps run at the configured learning rates.
 
     :param config: the run's configuration.
     :param task: the run's task.
+    :param schedule: the run's learning-rate schedule, or ``None``.
     :param log: prints a line on each ranking.
     :returns: the winner rebuilt under the run's parameter names, with its optimizer states
-        and step count.
+        (schedulers included) and step count.
     """
     seed = config["seed"]
     held_in = task.held_in(seed)
@@ -38,7 +42,7 @@ def select_candidate(
     for r in range(config["candidates"]):
         torch.manual_seed(seed * 1000 + r)
         net = build_model(config, name=f"candidate{r}").to(task.device)
-        ws = build_wake_sleep(net, config)
+        ws = build_wake_sleep(net, config, schedule)
         candidates.append((r, net, ws, torch.Generator().manual_seed(seed * 1000 + r + 7)))
     done = 0
     rounds = config["selection_steps"]
@@ -62,7 +66,7 @@ def select_candidate(
     prefix = f"{best_net.name}_"
     net = build_model(config).to(task.device)
     net.load_state_dict(best_net.state_dict())
-    ws = build_wake_sleep(net, config)
+    ws = build_wake_sleep(net, config, schedule)
     for mine, theirs in ((ws.optim, best_ws.optim), (ws.guide_optim, best_ws.guide_optim)):
         mine.set_state(
             {f"{net.name}_" + k[len(prefix) :]: v for k, v in theirs.get_state().items()}

@@ -19,13 +19,14 @@ import pyro
 import torch
 
 from .. import NonFiniteLossError, WakeSleep
+from ..checkpoint import read
 from ..datasets import DatasetError
 from .build import build_model, build_wake_sleep, resolve_device, shrink_weights
 from .config import apply_defaults, check_config
 from .errors import CommandError, Interrupted
 from .evaluation import nonfinite_message
 from .figures import write_figures
-from .optimizers import lr_factor, set_lr_factor
+from .optimizers import add_scheduler_states, lr_schedule, step_schedules
 from .runs import (
     CHECKPOINT,
     CONFIG,
@@ -145,17 +146,21 @@ def _train(
         batch_size = config["batch_size"]
         batches_per_epoch = task.batches_per_epoch(batch_size)
         total = config["epochs"] * batches_per_epoch
+        schedule = lr_schedule(config, total)
         if saved is None and config["candidates"] > 1:
-            net, ws = select_candidate(config, task, log)
+            net, ws = select_candidate(config, task, schedule, log)
         else:
             net = build_model(config).to(dev)
-            ws = build_wake_sleep(net, config)
+            ws = build_wake_sleep(net, config, schedule)
         generator = torch.Generator().manual_seed(config["seed"])
         metrics: List[Dict[str, Any]] = []
         seconds = 0.0
         written_config = None
         if saved is not None:
             ws.load(folder / CHECKPOINT, task.probe_batch())
+            if schedule is not None:
+                done = saved_epoch * batches_per_epoch
+                add_scheduler_states(ws, read(folder / CHECKPOINT), config, schedule, done)
             generator.set_state(saved.data_rng)
             metrics, seconds = list(saved.metrics), saved.seconds
             # What the checkpoint holds, once each (a kill between the checkpoint and the
@@ -176,11 +181,9 @@ def _train(
             for epoch in range(saved_epoch, config["epochs"]):
                 wake_sum = phi_sum = 0.0
                 count = 0
-                for b, x in enumerate(task.epoch_batches(batch_size, generator)):
-                    done = epoch * batches_per_epoch + b
-                    if config["lr_decay"]:
-                        set_lr_factor(ws, config, lr_factor(config, done, total))
+                for x in task.epoch_batches(batch_size, generator):
                     losses = ws.step(x)
+                    step_schedules(ws)
                     shrink_weights(net, ws, config)
                     wake_sum += losses.wake_theta
                     phi_sum += losses.phi
