@@ -133,15 +133,15 @@ def test_bars_reports_exact_kl(tmp_path, capsys):
 
 
 def test_lr_decay_schedule():
-    from pyro_wakesleep.cli import _lr_factor
+    from pyro_wakesleep.cli import lr_factor
 
     config = {"lr_decay": 0.6, "lr_final": 0.01}
-    assert _lr_factor(config, 0, 100) == 1.0
-    assert _lr_factor(config, 39, 100) == 1.0
-    assert _lr_factor(config, 40, 100) == pytest.approx(1.0)
-    assert _lr_factor(config, 70, 100) == pytest.approx(0.1)  # half-way down, geometrically
-    assert _lr_factor(config, 100, 100) == pytest.approx(0.01)
-    assert _lr_factor({"lr_decay": 0.0, "lr_final": 0.01}, 99, 100) == 1.0
+    assert lr_factor(config, 0, 100) == 1.0
+    assert lr_factor(config, 39, 100) == 1.0
+    assert lr_factor(config, 40, 100) == pytest.approx(1.0)
+    assert lr_factor(config, 70, 100) == pytest.approx(0.1)  # half-way down, geometrically
+    assert lr_factor(config, 100, 100) == pytest.approx(0.01)
+    assert lr_factor({"lr_decay": 0.0, "lr_final": 0.01}, 99, 100) == 1.0
 
 
 @pytest.mark.parametrize(
@@ -255,3 +255,123 @@ def test_the_readme_default_command_runs(tmp_path):
     # below -540 (784 pixels at about 0.7 nats each). -160 separates the two with room for
     # run-to-run noise of a few nats.
     assert -160 < final < -90
+
+
+def test_lr_decay_runs_each_step_at_the_scheduled_rate_across_a_save_and_load(tmp_path):
+    """With --lr-decay the optimizers are Pyro LambdaLR schedulers: step ``done`` of the
+    main loop runs at ``lr * lr_factor(config, done, total)``, the very float, and a WakeSleep
+    loaded from a checkpoint continues the schedule where it stopped."""
+    import pyro
+
+    from pyro_wakesleep.cli import lr_factor
+    from pyro_wakesleep.cli.build import build_model, build_wake_sleep
+    from pyro_wakesleep.cli.optimizers import lr_schedule, step_schedules
+
+    config = {
+        "model": "helmholtz",
+        "layers": [16, 4],
+        "hidden": [],
+        "dataset": "bars",
+        "init": "default",
+        "optimizer": "adam",
+        "lr": 0.1,
+        "guide_lr": 0.3,
+        "num_particles": 2,
+        "num_sleep_particles": 1,
+        "phi_objective": "wake",
+        "jit": False,
+        "lr_decay": 0.6,
+        "lr_final": 0.01,
+    }
+    total = 20
+    x = torch.bernoulli(torch.full((10, 16), 0.3), generator=torch.Generator().manual_seed(0))
+
+    def fresh():
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        net = build_model(config)
+        return build_wake_sleep(net, config, lr_schedule(config, total))
+
+    def run_steps(ws, steps):
+        for done in steps:
+            ws.step(x)
+            for optim, base in ((ws.optim, 0.1), (ws.guide_optim, 0.3)):
+                for state in optim.get_state().values():
+                    used = state["optimizer"]["param_groups"][0]["lr"]
+                    assert used == base * lr_factor(config, done, total), (done, used)
+                    assert state["scheduler"]["last_epoch"] == done
+            step_schedules(ws)
+
+    ws = fresh()
+    run_steps(ws, range(11))
+    ws.save(tmp_path / "checkpoint.pt")
+    ws = fresh()
+    ws.load(tmp_path / "checkpoint.pt", x)
+    run_steps(ws, range(11, total))
+
+
+def interrupted_at(monkeypatch, num_steps):
+    """Make WakeSleep.step raise KeyboardInterrupt once ``num_steps`` steps were taken."""
+    from pyro_wakesleep import WakeSleep
+
+    real = WakeSleep.step
+
+    def interrupt(self, *args, **kwargs):
+        if self.num_steps == num_steps:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(WakeSleep, "step", interrupt)
+    return real
+
+
+def test_a_decaying_run_interrupted_and_resumed_trains_bitwise_like_the_uninterrupted_one(
+    tmp_path, monkeypatch
+):
+    """The schedulers' step counts travel in the checkpoint: a run stopped inside its decay
+    (checkpoint at step 60 of 120, decay from step 48) continues at the very rates."""
+    from pyro_wakesleep import WakeSleep
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = [a for a in TINY if a not in ("--epochs", "2")] + ["--epochs", "4"]
+    common += ["--lr", "0.01", "--lr-decay", "0.6"]
+    assert main(["train", "--output", str(straight), *common]) == 0
+    real = interrupted_at(monkeypatch, 75)
+    assert main(["train", "--output", str(resumed), *common]) == 130
+    monkeypatch.setattr(WakeSleep, "step", real)
+    assert saved(resumed)["extra"]["run"]["epoch"] == 2
+    assert main(["train", "--resume", str(resumed), "--no-progress"]) == 0
+    a, b = net_state(straight), net_state(resumed)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    untimed = [
+        [{k: v for k, v in r.items() if k != "seconds"} for r in rows(f)]
+        for f in (straight, resumed)
+    ]
+    assert untimed[0] == untimed[1]
+
+
+def test_a_decaying_run_resumes_from_optimizer_states_saved_without_schedulers(
+    tmp_path, monkeypatch
+):
+    """A checkpoint whose optimizer states hold no scheduler state (as the command wrote
+    before the schedule was kept by Pyro's schedulers) resumes, and is written back with
+    them."""
+    from pyro_wakesleep import WakeSleep
+
+    folder = tmp_path / "run"
+    common = [a for a in TINY if a not in ("--epochs", "2")] + ["--epochs", "3"]
+    common += ["--lr-decay", "0.6"]
+    real = interrupted_at(monkeypatch, 75)
+    assert main(["train", "--output", str(folder), *common]) == 130
+    monkeypatch.setattr(WakeSleep, "step", real)
+    raw = torch.load(folder / "checkpoint.pt", weights_only=True)
+    for key in ("optim", "guide_optim"):
+        raw[key] = {name: state["optimizer"] for name, state in raw[key].items()}
+    torch.save(raw, folder / "checkpoint.pt")
+    assert main(["train", "--resume", str(folder), "--no-progress"]) == 0
+    checkpoint = saved(folder)
+    assert checkpoint["num_steps"] == 90
+    for key in ("optim", "guide_optim"):
+        for state in checkpoint[key].values():
+            assert state["scheduler"]["last_epoch"] == 90

@@ -256,12 +256,12 @@ def test_sigkill_at_any_moment_then_resume_gives_each_epoch_once(tmp_path, capsy
 def test_a_metrics_write_that_fails_after_the_checkpoint_is_repaired_on_resume(
     template, tmp_path, monkeypatch, capsys
 ):
-    from pyro_wakesleep import cli
+    from pyro_wakesleep.cli import training
 
     straight = copy_run(template, tmp_path, "straight")
     assert run(["train", "--resume", straight, "--epochs", "3", "--no-progress"], capsys)[0] == 0
     folder = tmp_path / "run"
-    real = cli.write_csv
+    real = training.write_csv
     calls = []
 
     def full_disk(*args, **kwargs):
@@ -270,11 +270,11 @@ def test_a_metrics_write_that_fails_after_the_checkpoint_is_repaired_on_resume(
             raise OSError(28, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "write_csv", full_disk)
+    monkeypatch.setattr(training, "write_csv", full_disk)
     status, _, err = run(["train", "--output", folder, *TINY], capsys)
     one_line_error(status, err, "No space left on device", "last checkpoint (epoch 2)")
     assert [r["epoch"] for r in rows(folder)] == ["1"]  # one behind the checkpoint
-    monkeypatch.setattr(cli, "write_csv", real)
+    monkeypatch.setattr(training, "write_csv", real)
     assert run(["train", "--resume", folder, "--epochs", "3", "--no-progress"], capsys)[0] == 0
     assert untimed(folder) == untimed(straight)
 

@@ -26,7 +26,7 @@ import socket
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .files import atomic_write, remove_stale_temporaries
+from ..files import atomic_write, remove_stale_temporaries
 
 try:  # POSIX
     import fcntl
