@@ -4,7 +4,7 @@ over the target, so that a process killed while writing leaves the previous file
 reader never sees half a file. Temporary files carry their writer's process id and host, so
 that the next successful write of the same target removes those that killed writers left
 (never a live writer's). Checkpoints (:mod:`pyro_wakesleep.checkpoint`) and the command's run
-files (:mod:`pyro_wakesleep.runs`) are written this way.
+files (:mod:`pyro_wakesleep.cli.runs`) are written this way.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from .. import WakeSleep
-from ..models import GaussianHelmholtz, HelmholtzMachine
+from ..models import GaussianHelmholtz, HelmholtzMachine, ModelGuidePair
 from .errors import CommandError
 from .optimizers import Schedule, make_optimizer
 from .tasks import TASKS
@@ -41,7 +41,7 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def build_model(config: Dict[str, Any], name: Optional[str] = None) -> torch.nn.Module:
+def build_model(config: Dict[str, Any], name: Optional[str] = None) -> ModelGuidePair:
     """
     The configured network, freshly initialized from torch's random stream.
 
@@ -63,7 +63,7 @@ def build_model(config: Dict[str, Any], name: Optional[str] = None) -> torch.nn.
 
 
 def build_wake_sleep(
-    net: torch.nn.Module, config: Dict[str, Any], schedule: Optional[Schedule] = None
+    net: ModelGuidePair, config: Dict[str, Any], schedule: Optional[Schedule] = None
 ) -> WakeSleep:
     """
     The WakeSleep that trains ``net`` as configured: the model's and the guide's optimizers

@@ -63,17 +63,18 @@ def make_optimizer(name: str, lr: float, schedule: Optional[Schedule] = None) ->
     """
     if schedule is None:
         if name == "adam":
-            return pyro.optim.Adam({"lr": lr})
+            return pyro.optim.Adam({"lr": lr})  # type: ignore[attr-defined]
         if name == "clippedadam":
             return pyro.optim.ClippedAdam({"lr": lr, "clip_norm": 10.0})
-        return pyro.optim.SGD({"lr": lr, "momentum": 0.9})
+        return pyro.optim.SGD({"lr": lr, "momentum": 0.9})  # type: ignore[attr-defined]
+    constructor: Any
     if name == "adam":
         constructor, args = torch.optim.Adam, {"lr": lr}
     elif name == "clippedadam":
         constructor, args = TorchClippedAdam, {"lr": lr, "clip_norm": 10.0}
     else:
         constructor, args = torch.optim.SGD, {"lr": lr, "momentum": 0.9}
-    return pyro.optim.LambdaLR(
+    return pyro.optim.LambdaLR(  # type: ignore[attr-defined]
         {"optimizer": constructor, "optim_args": args, "lr_lambda": schedule}
     )
 
@@ -132,5 +133,5 @@ def add_scheduler_states(
             for name, state in states.items()
             if "scheduler" not in state
         }
-        if old:
+        if old and optim is not None:
             optim.set_state(old)

@@ -68,6 +68,7 @@ def select_candidate(
     net.load_state_dict(best_net.state_dict())
     ws = build_wake_sleep(net, config, schedule)
     for mine, theirs in ((ws.optim, best_ws.optim), (ws.guide_optim, best_ws.guide_optim)):
+        assert mine is not None and theirs is not None
         mine.set_state(
             {f"{net.name}_" + k[len(prefix) :]: v for k, v in theirs.get_state().items()}
         )

@@ -116,16 +116,16 @@ def read_run(folder: Path) -> SavedRun:
             f"(version {RUN_STATE_VERSION})"
         )
     config = check_config(run.get("config"), str(path))
-    epoch = run.get("epoch")
+    epoch: Any = run.get("epoch")
     if not is_int(epoch, 1):
         raise CommandError(f"{path}: the saved epoch count {epoch!r} is not a positive integer")
     metrics = _check_metrics(run.get("metrics"), epoch, str(path))
-    data_rng = run.get("data_rng")
+    data_rng: Any = run.get("data_rng")
     try:
         torch.Generator().set_state(data_rng)
     except (TypeError, RuntimeError):
         raise CommandError(f"{path}: the saved data-order generator state is malformed") from None
-    seconds = run.get("seconds")
+    seconds: Any = run.get("seconds")
     if not (is_number(seconds) and seconds >= 0):
         raise CommandError(f"{path}: the saved training time {seconds!r} is malformed")
     on_disk = folder / CONFIG

@@ -221,6 +221,7 @@ class DynamicMnistTask(ImageTask):
 
     def epoch_data(self, generator: torch.Generator) -> torch.Tensor:
         """A fresh binarization of the training images."""
+        assert self.dynamic is not None, "load() sets the binarizer"
         return self.dynamic(generator).to(self.device)
 
 
