@@ -7,12 +7,18 @@ or parameter and says what to do.
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from typing import Any, Dict, List, NamedTuple, Optional
 
+import pyro.distributions as dist
 import torch
+from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.poutine import Trace
+from pyro.util import check_model_guide_match, check_site_shape
 
 from .objectives import sample_sites, site_log_prob
+from .traces import plate_nesting, tensors_reached
 
 
 class NonFiniteLossError(RuntimeError):
@@ -34,7 +40,11 @@ def check_sites(model_trace: Trace, guide_trace: Trace, phase: str) -> None:
     :param phase: the phase to name in a message (``"wake"``, ``"sleep"``, ...).
     :raises ValueError: naming the site and the fix.
     """
-    model_sites = {site["name"]: site for site in sample_sites(model_trace)}
+    model_sites = {
+        site["name"]: site
+        for site in sample_sites(model_trace)
+        if not site["infer"].get("_deterministic")  # pyro.deterministic: neither data nor latent
+    }
     observed = {
         name
         for name, site in model_sites.items()
@@ -45,7 +55,13 @@ def check_sites(model_trace: Trace, guide_trace: Trace, phase: str) -> None:
             "The model has no observed site: wake-sleep fits a model to data, so at least one "
             "pyro.sample(..., obs=data) statement is needed."
         )
-    guide_names = {site["name"] for site in sample_sites(guide_trace)}
+    # The guide's own auxiliary sites (an autoguide's unconstrained draws, a pyro.factor) are
+    # part of its density, not latents of the model.
+    guide_names = {
+        site["name"]
+        for site in sample_sites(guide_trace)
+        if not site["infer"].get("is_auxiliary") and not site["is_observed"]
+    }
     for name in guide_names:
         if name in observed:
             raise ValueError(
@@ -64,6 +80,113 @@ def check_sites(model_trace: Trace, guide_trace: Trace, phase: str) -> None:
                 f"phase). Add pyro.sample('{name}', ...) to the guide: wake-sleep needs a "
                 "proposal for every latent."
             )
+
+
+def _is_point_mass(fn: Any) -> bool:
+    while isinstance(fn, (dist.Independent, MaskedDistribution, ExpandedDistribution)):
+        fn = fn.base_dist
+    return isinstance(fn, dist.Delta)
+
+
+def check_guide_density(guide_trace: Trace, phase: str) -> None:
+    r"""
+    Refuse a guide that wake-sleep cannot train or score: it fits the guide through
+    :math:`\log q_\phi(z \mid x)` at given values of :math:`z`. A point mass (``Delta``,
+    ``AutoDelta``) has no log-density to follow; and in the sleep phase, where :math:`z` is the
+    model's fantasy, a guide with auxiliary sites (an autoguide's unconstrained draws) cannot
+    score it, since the auxiliary values behind a fantasy are unknown.
+
+    :param phase: ``"sleep"``, or ``"wake"`` (wake-phi).
+    :raises ValueError: naming the sites and what to use instead.
+    """
+    sites = sample_sites(guide_trace)
+    auxiliary = [
+        s["name"] for s in sites if s["infer"].get("is_auxiliary") and not s["is_observed"]
+    ]
+    latents = [s for s in sites if not s["infer"].get("is_auxiliary") and not s["is_observed"]]
+    if phase == "sleep" and auxiliary:
+        raise ValueError(
+            f"The guide has auxiliary sites ({', '.join(repr(n) for n in auxiliary[:3])}), as "
+            "an autoguide does: the sleep phase scores the model's fantasy z under the guide, "
+            "which needs the auxiliary values behind z, unknown for a fantasy. Train such a "
+            "guide by wake-phi: phi_objective='wake' with num_particles > 1."
+        )
+    points = [s["name"] for s in latents if _is_point_mass(s["fn"])]
+    if points and not auxiliary:
+        raise ValueError(
+            f"The guide's site(s) {', '.join(repr(n) for n in points[:3])} are point masses "
+            "(Delta, AutoDelta): wake-sleep fits the guide by its log-density at given values, "
+            "which a point mass does not have (it is 0 where the mass is, -inf elsewhere), so "
+            "the guide would not learn. Use a guide with a density, such as AutoNormal or a "
+            "Normal of learned location and scale."
+        )
+
+
+def check_model_guide_shapes(
+    model_trace: Trace,
+    guide_trace: Trace,
+    max_plate_nesting: Optional[int] = None,
+    vectorized: bool = False,
+) -> None:
+    """
+    Pyro's own checks that model and guide agree, as its ELBOs run them (on the first
+    computation): each site's batch shape fits its plates, and the two programs agree on every
+    shared site's shape and event dimensions. Enumeration is refused: wake-sleep samples every
+    latent. Run on the wake traces, whose messages name the user's sites.
+
+    :param max_plate_nesting: the user's, if given; else the traces' own depth.
+    :param vectorized: the traces hold a particle plate, one more level of nesting.
+    :raises ValueError: naming the site.
+    """
+    nesting = plate_nesting(model_trace, guide_trace)
+    if max_plate_nesting is not None:
+        nesting = max(nesting, max_plate_nesting + (1 if vectorized else 0))
+    for trace in (model_trace, guide_trace):
+        trace.compute_log_prob()
+        for site in sample_sites(trace):
+            if site["infer"].get("enumerate"):
+                raise ValueError(
+                    f"Site '{site['name']}' is marked for enumeration "
+                    f"(infer={{'enumerate': ...}}): wake-sleep samples every latent and does "
+                    "not enumerate; remove the mark (or use Pyro's TraceEnum_ELBO)."
+                )
+            check_site_shape(site, nesting)
+    with warnings.catch_warnings():
+        # check_sites says more about sites missing on either side; Pyro's other warnings
+        # (a plate in the guide but not the model, say) go through.
+        warnings.filterwarnings("ignore", message="Found (non-auxiliary )?vars in")
+        check_model_guide_match(model_trace, guide_trace, nesting)
+
+
+def data_independent_sites(guide_trace: Trace, data: Dict[str, torch.Tensor]) -> List[str]:
+    """The guide's latent sites whose log-density has no autograd path to any of ``data`` (the
+    fantasy it was given, as leaves: latents by site name, data by argument) other than the
+    site's own value: sites where the guide reads neither the data nor other latents."""
+    names = []
+    for site in sample_sites(guide_trace):
+        if site["infer"].get("is_auxiliary") or site["is_observed"]:
+            continue
+        log_q = site_log_prob(site)
+        others = {name: t for name, t in data.items() if name != site["name"]}
+        if not isinstance(log_q, torch.Tensor) or not tensors_reached(log_q, others):
+            names.append(site["name"])
+    return names
+
+
+def warn_if_data_independent(guide_trace: Trace, fantasy: Dict[str, torch.Tensor]) -> None:
+    """Warn when the guide's density at a site does not depend on the fantasy it was given
+    (:func:`data_independent_sites`): sleep-phi then fits that site to the prior, not to the
+    posterior (a global guide, an autoguide)."""
+    names = data_independent_sites(guide_trace, fantasy)
+    if names:
+        warnings.warn(
+            f"The guide's site(s) {', '.join(repr(n) for n in names[:3])} do not depend on "
+            "the data: sleep-phi fits them to the model's prior p(z), not to the posterior "
+            "p(z | x). For a guide that does not read the data (a global guide, an "
+            "autoguide), use wake-phi: phi_objective='wake' with num_particles > 1.",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )
 
 
 def observed_support(model_trace: Trace) -> List[SupportCheck]:
@@ -196,3 +319,16 @@ def brief(error: BaseException) -> str:
     """An exception's type and the first line of its message."""
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside this package, for a warning that points
+    at the user's call (``WakeSleep.step``, ``WakeSleep(...)``), wherever it is raised."""
+    frame = inspect.currentframe()
+    frame = None if frame is None else frame.f_back  # the caller of this function: level 1
+    level = 1
+    package = __name__.split(".")[0]
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == package:
+        frame = frame.f_back
+        level += 1
+    return level

@@ -28,7 +28,11 @@ lower bound on :math:`\log p_\theta(x_i)` that tightens as :math:`S` grows (bias
 
 The particles are drawn ``chunk_size`` at a time along a vectorized particle plate (left of the
 model's plates) without gradients, and reduced on the fly, so memory stays bounded by one
-chunk however large ``num_samples`` is.
+chunk however large ``num_samples`` is. A model or guide that reads a sampled value into Python
+(stochastic control flow) is evaluated with ``vectorize_particles=False``: one particle at a
+time, still per data point (the iterations of a sequential ``for i in pyro.plate(...)`` are
+data points as the indices of a vectorized plate are); when vectorized particles were asked for
+and the programs read a value, the evaluation falls back to that, with a warning.
 
 **Exact enumeration** (:func:`exact_log_likelihood`, in :mod:`pyro_wakesleep.enumeration`
 and re-exported here) computes :math:`\log p_\theta(x_i)` for small discrete models.
@@ -55,14 +59,16 @@ References
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence
+import warnings
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from pyro import poutine
 
 from . import objectives
-from .checks import check_count, check_sites
+from .checks import brief, check_count, check_sites, user_stacklevel
 from .enumeration import exact_log_likelihood
+from .particles import reads_values
 from .traces import guide_then_model, particle_plate, plate_nesting
 
 __all__ = ["LogLikelihood", "evaluate_dataset", "exact_log_likelihood", "importance_log_likelihood"]
@@ -124,6 +130,7 @@ def importance_log_likelihood(
     num_samples: int = 5000,
     chunk_size: int = 500,
     max_plate_nesting: Optional[int] = None,
+    vectorize_particles: bool = True,
     **kwargs: Any,
 ) -> LogLikelihood:
     """
@@ -149,6 +156,8 @@ def importance_log_likelihood(
         with ``chunk_size`` times the size of one trace.
     :param max_plate_nesting: the number of nested plates of the model and guide; the particle
         plate goes just left of them. Guessed from one trace when ``None``.
+    :param vectorize_particles: draw ``chunk_size`` samples at once along a particle plate;
+        ``False`` draws them one at a time, for programs with stochastic control flow.
     :param kwargs: keyword arguments of the model and guide.
     :returns: :class:`LogLikelihood` with fields of shape ``(N,)``, in the dtype of the model's
         log-densities (accumulated in float64).
@@ -157,6 +166,23 @@ def importance_log_likelihood(
     check_count("num_samples", num_samples)
     check_count("chunk_size", chunk_size)
     _check_nesting(max_plate_nesting)
+    kw = dict(kwargs)
+    return _estimate(
+        model, guide, args, kw, num_samples, chunk_size, max_plate_nesting, vectorize_particles
+    )[0]
+
+
+def _estimate(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    num_samples: int,
+    chunk_size: int,
+    max_plate_nesting: Optional[int],
+    vectorize_particles: bool,
+) -> Tuple[LogLikelihood, bool]:
+    """:func:`importance_log_likelihood`, and whether the particles stayed vectorized."""
     with torch.no_grad(), poutine.block():
         if max_plate_nesting is None:
             max_plate_nesting = plate_nesting(*guide_then_model(model, guide, args, kwargs))
@@ -167,13 +193,22 @@ def importance_log_likelihood(
         done = 0
         while done < num_samples:
             size = min(chunk_size, num_samples - done)
-            model_trace, guide_trace = guide_then_model(
-                particle_plate(model, size, dim), particle_plate(guide, size, dim), args, kwargs
-            )
-            check_sites(model_trace, guide_trace, "evaluation")
-            weights = objectives.log_weights(
-                [model_trace], [guide_trace], max_plate_nesting, vectorized=True
-            )
+            rng = torch.get_rng_state()
+            try:
+                weights = _chunk(model, guide, args, kwargs, size, dim, vectorize_particles)
+            except Exception as error:
+                if not (vectorize_particles and reads_values(error)):
+                    raise
+                torch.set_rng_state(rng)
+                vectorize_particles = False
+                warnings.warn(
+                    "The model or guide reads a sampled value into Python (stochastic control "
+                    f"flow: {brief(error)}): evaluating one particle at a time. Pass "
+                    "vectorize_particles=False to say so and avoid this warning.",
+                    RuntimeWarning,
+                    stacklevel=user_stacklevel(),
+                )
+                continue
             log_w = weights.log_p - weights.log_q
             dtype = log_w.dtype
             log_w = log_w.reshape(size, -1).double()
@@ -186,7 +221,29 @@ def importance_log_likelihood(
                 log_sum_sq = torch.logaddexp(log_sum_sq, chunk_sum_sq)
             done += size
     assert log_sum is not None and log_sum_sq is not None and dtype is not None
-    return _summarize(log_sum, log_sum_sq, num_samples, dtype)
+    return _summarize(log_sum, log_sum_sq, num_samples, dtype), vectorize_particles
+
+
+def _chunk(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    size: int,
+    dim: int,
+    vectorized: bool,
+) -> objectives.LogWeights:
+    """The log-weights of ``size`` particles, drawn at once along a plate at ``dim`` or one at
+    a time."""
+    if vectorized:
+        model, guide = particle_plate(model, size, dim), particle_plate(guide, size, dim)
+    model_traces, guide_traces = [], []
+    for _ in range(1 if vectorized else size):
+        model_trace, guide_trace = guide_then_model(model, guide, args, kwargs)
+        check_sites(model_trace, guide_trace, "evaluation")
+        model_traces.append(model_trace)
+        guide_traces.append(guide_trace)
+    return objectives.log_weights(model_traces, guide_traces, -dim - 1, vectorized=vectorized)
 
 
 def _summarize(
@@ -216,6 +273,7 @@ def evaluate_dataset(
     num_samples: int = 5000,
     chunk_size: int = 500,
     max_plate_nesting: Optional[int] = None,
+    vectorize_particles: bool = True,
     **kwargs: Any,
 ) -> LogLikelihood:
     """
@@ -233,28 +291,32 @@ def evaluate_dataset(
     :param num_samples: importance samples per data point.
     :param chunk_size: samples drawn at once (see :func:`importance_log_likelihood`).
     :param max_plate_nesting: guessed from the first batch when ``None``.
+    :param vectorize_particles: as for :func:`importance_log_likelihood`.
     :param kwargs: further keyword arguments of the model and guide.
     :returns: :class:`LogLikelihood` with one entry per data point of every batch (``len(data)``
         entries for a model whose data plate holds every site).
     """
     check_count("batch_size", batch_size)
+    check_count("num_samples", num_samples)
+    check_count("chunk_size", chunk_size)
+    _check_nesting(max_plate_nesting)
     parts: List[LogLikelihood] = []
     for batch in data.split(batch_size):
         if max_plate_nesting is None:
             with torch.no_grad(), poutine.block():
                 traces = guide_then_model(model, guide, (batch,), kwargs)
             max_plate_nesting = plate_nesting(*traces)
-        parts.append(
-            importance_log_likelihood(
-                model,
-                guide,
-                batch,
-                num_samples=num_samples,
-                chunk_size=chunk_size,
-                max_plate_nesting=max_plate_nesting,
-                **kwargs,
-            )
+        part, vectorize_particles = _estimate(
+            model,
+            guide,
+            (batch,),
+            kwargs,
+            num_samples,
+            chunk_size,
+            max_plate_nesting,
+            vectorize_particles,  # after a fallback, the later batches go one at a time
         )
+        parts.append(part)
     if not parts:
         raise ValueError("data is empty")
     return LogLikelihood.cat(parts)

@@ -12,12 +12,14 @@ arguments, so the sleep phase has to call it with the fantasy where the real obs
    ``ReweightedWakeSleep`` and ``CSIS``) is given ``observations={site: fantasy value}``;
 2. otherwise each observed value must be one of the model's arguments, positional or keyword,
    or a contiguous view or reshape of one (``obs=x``, ``obs=x.reshape(-1, 784)``); that
-   argument is replaced by the fantasy, reshaped like the argument. Pyro's mini-batch idiom,
-   ``with pyro.plate("data", len(x), subsample_size=B) as i: ... obs=x[i]``, is recognized
-   too, on a mini-batch or on the full batch (the match is by value: an observation equal,
-   row for row, to ``x[i]`` for the plate's indices ``i``, with the same dtype): the guide then
-   gets an array shaped like ``x`` holding the fantasy in rows ``i`` and zeros elsewhere (for
-   very large data, pass the mini-batch itself and use
+   argument is replaced by the fantasy, reshaped like the argument. ``obs=x[i]`` in a loop over
+   a sequential plate (a view inside ``x``) is recognized too: the guide gets an array shaped
+   like ``x`` with each fantasy where its observation was and zeros elsewhere. So is Pyro's
+   mini-batch idiom, ``with pyro.plate("data", len(x), subsample_size=B) as i: ...
+   obs=x[i]``, on a mini-batch or on the full batch (the match is by value: an observation
+   equal, row for row, to ``x[i]`` for the plate's indices ``i``, with the same dtype): the
+   guide then gets an array shaped like ``x`` holding the fantasy in rows ``i`` and zeros
+   elsewhere (for very large data, pass the mini-batch itself and use
    ``pyro.plate("data", N, subsample=indices)``, which costs nothing per step);
 3. a user-supplied ``fantasy_args(observations, *args, **kwargs) -> (args, kwargs)``.
 
@@ -44,6 +46,23 @@ class FantasyError(ValueError):
     """The sleep phase cannot hand the model's fantasies to the guide."""
 
 
+class UnrecordableMatch(RuntimeError):
+    """The fantasy's place among the arguments is found by comparing values (``obs=data[i]``
+    with subsample indices), which a recorded step (``jit=True``) cannot do."""
+
+
+def _equal(rows: torch.Tensor, obs: torch.Tensor, site: str) -> bool:
+    try:
+        return torch.equal(rows, obs)
+    except RuntimeError as error:
+        if "tracing tensor" not in str(error):
+            raise
+        raise UnrecordableMatch(
+            f"the sleep phase finds the argument that site '{site}' observes as data[i] by "
+            "comparing values, which a recorded step cannot do"
+        ) from error
+
+
 def draw_fantasy(model: Callable, *args: Any, **kwargs: Any) -> Trace:
     """
     Trace the model with every observed site sampled instead of observed.
@@ -62,6 +81,8 @@ def fantasy_observations(trace: Trace) -> Dict[str, torch.Tensor]:
     """The fantasy values of the model's observed sites, ``{site name: value}``."""
     observations = {}
     for site in sample_sites(trace):
+        if site["infer"].get("_deterministic"):
+            continue  # pyro.deterministic: a function of the latents, not data
         if site["infer"].get("was_observed"):
             if site["infer"].get("is_auxiliary"):
                 raise FantasyError(
@@ -74,7 +95,10 @@ def fantasy_observations(trace: Trace) -> Dict[str, torch.Tensor]:
 
 
 def takes_observations(guide: Callable) -> bool:
-    """Whether the guide has an ``observations`` keyword (Pyro's RWS / CSIS convention)."""
+    """Whether the guide has an ``observations`` keyword (Pyro's RWS / CSIS convention); for
+    an ``nn.Module`` guide, its ``forward``'s (the module's own signature hides it)."""
+    if isinstance(guide, torch.nn.Module):
+        guide = guide.forward
     try:
         parameters = inspect.signature(guide).parameters
     except (TypeError, ValueError):
@@ -114,6 +138,27 @@ def _find_argument(obs: Any, args: tuple, kwargs: dict) -> Optional[Tuple[str, A
     return None
 
 
+def _find_view(obs: Any, args: tuple, kwargs: dict) -> Optional[Tuple[str, Any]]:
+    """An argument of which ``obs`` is a strict view (``obs=data[i]`` in a loop over a
+    sequential plate): same storage, inside it."""
+    if not isinstance(obs, torch.Tensor) or obs.numel() == 0:
+        return None
+    named = [("args", i, a) for i, a in enumerate(args)] + [
+        ("kwargs", k, a) for k, a in kwargs.items()
+    ]
+    for where, key, arg in named:
+        if (
+            isinstance(arg, torch.Tensor)
+            and arg.is_contiguous()
+            and arg.numel() > obs.numel()
+            and obs.device == arg.device
+            and obs.untyped_storage().data_ptr() == arg.untyped_storage().data_ptr()
+            and arg.storage_offset() <= obs.storage_offset() < arg.storage_offset() + arg.numel()
+        ):
+            return where, key
+    return None
+
+
 def _subsample_indices(trace: Trace, site: dict) -> list:
     """The subsample index tensors of the plates around a site, as (plate size, indices)."""
     found = []
@@ -145,7 +190,7 @@ def _find_indexed_argument(
             if (
                 rows.dtype == obs.dtype
                 and rows.numel() == obs.numel()
-                and torch.equal(rows.reshape(obs.shape), obs)
+                and _equal(rows.reshape(obs.shape), obs, site["name"])
             ):
                 return where, key, indices
     return None
@@ -176,6 +221,7 @@ def guide_arguments(
 
     new_args, new_kwargs = list(args), dict(kwargs)
     unmatched = []
+    views: Dict[Tuple[str, Any], Tuple[list, torch.Tensor]] = {}
     for name, value in observations.items():
         site = trace.nodes[name]
         obs = (site["infer"] or {}).get("obs")
@@ -191,6 +237,23 @@ def guide_arguments(
             where, key = slot
             target = args[key] if where == "args" else kwargs[key]
             fantasy = value.reshape(target.shape).to(dtype=target.dtype)
+        elif (view := _find_view(obs, args, kwargs)) is not None:
+            # obs=data[i] in a loop: the fantasy goes where the observation was, in an array
+            # shaped like data that is zero wherever no fantasy was written.
+            where, key = view
+            assert isinstance(obs, torch.Tensor)  # _find_view matches tensors only
+            target = args[key] if where == "args" else kwargs[key]
+            current = new_args[key] if where == "args" else new_kwargs[key]
+            fantasy = current if current is not target else torch.zeros_like(target)
+            offset = obs.storage_offset() - target.storage_offset()
+            fantasy.as_strided(obs.shape, obs.stride(), offset).copy_(
+                value.reshape(obs.shape).to(target)
+            )
+            seen = views.setdefault((where, key), ([], torch.zeros(target.shape, dtype=torch.bool)))
+            seen[0].append(name)
+            seen[1].as_strided(obs.shape, obs.stride(), offset).fill_(True)
+            if any(not f.vectorized for f in site["cond_indep_stack"]):
+                seen[0].append(None)  # in a sequential plate: the guide replays its iterations
         else:
             indexed = _find_indexed_argument(trace, site, args, kwargs)
             if indexed is None:
@@ -207,6 +270,11 @@ def guide_arguments(
             new_args[key] = fantasy
         else:
             new_kwargs[key] = fantasy
+    for names, covered in views.values():
+        # A view that is not part of a loop over a sequential plate, and leaves part of its
+        # argument unobserved (obs=x[..., :2]), would give the guide zeros where it read data.
+        if None not in names and not bool(covered.all()):
+            unmatched += names
     if not unmatched:
         return tuple(new_args), new_kwargs
     if fantasy_args is not None:

@@ -28,7 +28,6 @@ another tensor. Such models must not use ``jit=True``.
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Hashable, List, NamedTuple, Optional, Tuple
@@ -41,8 +40,12 @@ from torch.fx import GraphModule, Node
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 
-from .checks import SupportCheck, brief
+from .checks import SupportCheck, brief, user_stacklevel
+from .fantasies import UnrecordableMatch
 from .loss import WakeSleepLoss, WakeSleepPhases
+
+# The start of the reason a step of the obs=data[i] idiom's sleep phase is not recorded.
+_MATCHING = "the step could not be recorded: "
 
 
 class Signature(NamedTuple):
@@ -209,18 +212,6 @@ def _set_rng_state(state: tuple) -> None:
         torch.cuda.set_rng_state(value, device)
 
 
-def _caller_level() -> int:
-    """The ``stacklevel`` of the first frame outside this package, for a warning that points
-    at the user's call (``WakeSleep.step`` or ``differentiable_loss``)."""
-    frame = inspect.currentframe()
-    frame = None if frame is None else frame.f_back  # the caller of this function: level 1
-    level = 1
-    while frame is not None and frame.f_globals.get("__name__", "").startswith(__package__ or "?"):
-        frame = frame.f_back
-        level += 1
-    return level
-
-
 class StepRecorder:
     """
     The recording layer of ``WakeSleep(jit=True)``: computes a step's losses as
@@ -290,12 +281,21 @@ class StepRecorder:
             # The step could be run but not recorded: run eagerly from now on.
             self.off_reason = failure
             self.recordings.clear()
+            if failure.startswith(_MATCHING):
+                hint = (
+                    "Give the guide an 'observations' keyword (it then receives the fantasies "
+                    "by site name, and the step can be recorded)"
+                )
+            else:
+                hint = (
+                    "Models whose structure depends on sampled values (stochastic control "
+                    "flow) cannot be recorded"
+                )
             warnings.warn(
-                f"WakeSleep(jit=True) runs eagerly from now on: {failure}. Models whose "
-                "structure depends on sampled values (stochastic control flow) cannot be "
-                "recorded; jit=False avoids this warning.",
+                f"WakeSleep(jit=True) runs eagerly from now on: {failure}. {hint}; jit=False "
+                "avoids this warning.",
                 RuntimeWarning,
-                stacklevel=_caller_level(),
+                stacklevel=user_stacklevel(),
             )
         return result
 
@@ -355,6 +355,8 @@ class StepRecorder:
             _set_rng_state(rng)
             for name in set(store.keys()) - known:
                 del store[name]
+            if isinstance(error, UnrecordableMatch):
+                return None, f"{_MATCHING}{error}"
             return None, f"the step could not be recorded ({brief(error)})"
         self.recordings[key] = (graph, static)
         while len(self.recordings) > self.max_recordings:

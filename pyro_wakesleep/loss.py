@@ -5,8 +5,10 @@ r"""
 It owns every trace of a step: the wake phase (:math:`K` guide samples of the real data and
 the model replayed on them), the sleep phase (fantasies :math:`(z, x) \sim p_\theta` and the
 guide scored on them), the plate-nesting guess, the probe run and the failure-path retrace.
-The objectives themselves are written once, in :mod:`pyro_wakesleep.objectives`; fantasies in
-:mod:`pyro_wakesleep.fantasies`; the Pyro plumbing in :mod:`pyro_wakesleep.traces`.
+The objectives themselves are written once, in :mod:`pyro_wakesleep.objectives`; how the
+particles of each phase are drawn in :mod:`pyro_wakesleep.particles`; fantasies in
+:mod:`pyro_wakesleep.fantasies`; which parameters are the model's and which the guide's in
+:mod:`pyro_wakesleep.ownership`; the Pyro plumbing in :mod:`pyro_wakesleep.traces`.
 
 :class:`~pyro_wakesleep.WakeSleep` drives it as :class:`~pyro.infer.SVI` drives an ELBO, with
 two optimizers and an atomic update. It also works under SVI itself::
@@ -23,6 +25,7 @@ takes the wake-sleep step.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import pyro
@@ -32,9 +35,10 @@ from pyro.infer import ELBO
 from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
 
-from . import checks, objectives, traces
-from .fantasies import FantasyArgsFn, draw_fantasy, guide_arguments, takes_observations
+from . import checks, objectives, ownership, particles, traces
+from .fantasies import FantasyArgsFn, takes_observations
 from .objectives import PhiObjective
+from .ownership import ParameterOwners
 
 
 class WakeSleepPhases(NamedTuple):
@@ -115,6 +119,17 @@ class WakeSleepLoss(ELBO):
         self.num_particles = num_particles
         self.num_sleep_particles = num_sleep_particles
         self.phi_objective = PhiObjective.parse(phi_objective)
+        if num_particles == 1 and self.phi_objective.uses_wake:
+            # One particle has self-normalized weight 1: wake-phi is -log q(z) at q's own draw,
+            # whose expected gradient is zero.
+            message = (
+                "wake-phi with num_particles=1 has zero expected gradient (the one particle's "
+                "self-normalized weight is 1): the guide would not learn from it. Use "
+                "num_particles > 1 (reweighted wake-sleep) with phi_objective='wake'"
+            )
+            if not self.phi_objective.uses_sleep:
+                raise ValueError(message + ", or phi_objective='sleep'.")
+            warnings.warn(message + ".", RuntimeWarning, stacklevel=checks.user_stacklevel())
         self.vectorize_particles = vectorize_particles
         self.max_plate_nesting = max_plate_nesting
         self.fantasy_args = fantasy_args
@@ -123,6 +138,7 @@ class WakeSleepLoss(ELBO):
         #: ``full_validation``).
         self.validated = False
         self._observations_keyword: Tuple[Any, bool] = (None, False)
+        self._owners = ParameterOwners()
 
     # ------------------------------------------------------------------ Pyro's ELBO interface
 
@@ -220,12 +236,30 @@ class WakeSleepLoss(ELBO):
         phi_params: Dict[str, torch.Tensor] = {}
         all_traces: List[Trace] = []
         support: List[checks.SupportCheck] = []
-        with dist_util.validation_enabled(not trim):
+        validating = dist_util.is_validation_enabled()
+        # The first time, both programs are traced with gradients (samples detached), so that
+        # which objective uses which parameter shows even in a step of one phase (ownership).
+        graphs = not self.validated and torch.is_grad_enabled()
+        model_graph = guide_graph = None
+
+        def nesting(with_guide: bool) -> int:
+            return self.plate_nesting(model, guide, args, kwargs, with_guide=with_guide)
+
+        with dist_util.validation_enabled(validating and not trim):
             if wake or (sleep and a.uses_wake):
                 grad_phi = sleep and a.uses_wake
-                model_traces, guide_traces, vectorized = self._wake_traces(
-                    model, guide, args, kwargs, grad_phi
+                model_traces, guide_traces, vectorized = particles.wake_traces(
+                    model,
+                    guide,
+                    args,
+                    kwargs,
+                    num_particles=self.num_particles,
+                    vectorize=self.vectorize_particles,
+                    nesting=nesting,
+                    guide_grad=grad_phi or graphs,
                 )
+                if self.num_particles > 1 and not vectorized:
+                    self.vectorize_particles = False  # a fallback: stay sequential
                 if trim:
                     for t in model_traces:
                         support += checks.observed_support(t)
@@ -247,17 +281,45 @@ class WakeSleepLoss(ELBO):
                     theta.update(traces.params(t))
                 for t in guide_traces:
                     phi_params.update(traces.params(t))
+                if grad_phi:
+                    checks.check_guide_density(guide_traces[0], "wake")
+                if not self.validated and validating:
+                    checks.check_model_guide_shapes(
+                        model_traces[0], guide_traces[0], self.max_plate_nesting, vectorized
+                    )
+                model_graph = wake_theta
+                guide_graph = phi if grad_phi else ownership.density(guide_traces, graphs)
                 if not wake:
                     wake_theta = wake_theta.detach()
             if sleep and a.uses_sleep:
-                sleep_phi, sleep_traces = self._sleep_loss(model, guide, args, kwargs)
+                if self._observations_keyword[0] is not guide:  # inspect once per guide
+                    self._observations_keyword = (guide, takes_observations(guide))
+                S = self.num_sleep_particles
+                log_q, sleep_traces = particles.sleep_traces(
+                    model,
+                    guide,
+                    args,
+                    kwargs,
+                    num_particles=S,
+                    vectorize=self.vectorize_particles,
+                    nesting=nesting,
+                    with_observations=self._observations_keyword[1],
+                    fantasy_args=self.fantasy_args,
+                    first=graphs,
+                )
+                # sleep-phi: -1/S sum_s log q(z_s | x_s) over fantasies (z_s, x_s) ~ p
+                sleep_phi = -log_q if S == 1 else -log_q / S
                 all_traces += sleep_traces
+                if model_graph is None:
+                    model_graph = ownership.density(sleep_traces[0::2], graphs)
                 for t in sleep_traces[0::2]:
                     theta.update(traces.params(t))
                 for t in sleep_traces[1::2]:
                     phi_params.update(traces.params(t))
                 sleep_phi = objectives.weighted(a.sleep, sleep_phi)
                 phi = sleep_phi if phi is None else phi + sleep_phi
+                guide_graph = phi
+        theta, phi_params = self._owners.split(model_graph, guide_graph, theta, phi_params)
         checks.check_disjoint(theta, phi_params)
         return WakeSleepPhases(
             wake_theta,
@@ -268,67 +330,21 @@ class WakeSleepLoss(ELBO):
             support,
         )
 
-    def _wake_traces(
-        self, model: Callable, guide: Callable, args: tuple, kwargs: dict, grad_phi: bool
-    ) -> Tuple[List[Trace], List[Trace], bool]:
-        K = self.num_particles
-        vectorized = self.vectorize_particles and K > 1
-        if vectorized:
-            dim = -self.plate_nesting(model, guide, args, kwargs) - 1
-            guide = traces.particle_plate(guide, K, dim)
-            model = traces.particle_plate(model, K, dim)
-        if grad_phi:
-            # Outside the particle plate, so that each sample is drawn after broadcasting.
-            guide = traces.DetachSamples()(guide)
-        model_traces, guide_traces = [], []
-        for _ in range(1 if vectorized else K):
-            model_trace, guide_trace = traces.guide_then_model(
-                model, guide, args, kwargs, guide_grad=grad_phi
-            )
-            checks.check_sites(model_trace, guide_trace, "wake")
-            model_traces.append(model_trace)
-            guide_traces.append(guide_trace)
-        return model_traces, guide_traces, vectorized
-
-    def _sleep_loss(
-        self, model: Callable, guide: Callable, args: tuple, kwargs: dict
-    ) -> Tuple[torch.Tensor, List[Trace]]:
-        """Sleep-phi, :math:`-\\frac1S \\sum_s \\log q_\\phi(z_s \\mid x_s)` over fantasies."""
-        S = self.num_sleep_particles
-        if self._observations_keyword[0] is not guide:  # inspect once per guide: ~30 us
-            self._observations_keyword = (guide, takes_observations(guide))
-        with_observations = self._observations_keyword[1]
-        vectorized = self.vectorize_particles and S > 1 and with_observations
-        if vectorized:
-            dim = -self.plate_nesting(model, guide, args, kwargs) - 1
-            model = traces.particle_plate(model, S, dim)
-            guide = traces.particle_plate(guide, S, dim)
-        log_q: Any = None
-        sleep_traces = []
-        for _ in range(1 if vectorized else S):
-            model_trace = draw_fantasy(model, *args, **kwargs)
-            guide_args, guide_kwargs = guide_arguments(
-                model_trace,
-                args,
-                kwargs,
-                use_observations_keyword=with_observations,
-                fantasy_args=self.fantasy_args,
-            )
-            guide_trace = traces.trace_replayed(guide, model_trace, guide_args, guide_kwargs)
-            checks.check_sites(model_trace, guide_trace, "sleep")
-            term = objectives.trace_log_prob_sum(guide_trace)
-            log_q = term if log_q is None else log_q + term
-            sleep_traces += [model_trace, guide_trace]
-        return (-log_q if S == 1 else -log_q / S), sleep_traces
-
     # ------------------------------------------------------------------ probes
 
-    def plate_nesting(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
+    def plate_nesting(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict, with_guide: bool = True
+    ) -> int:
         """``max_plate_nesting``, guessed once from a probe run (which draws nothing from the
         random streams, so a resumed run draws what the uninterrupted run draws) when not
-        given."""
+        given: of the guide and the model, or of the model alone (``with_guide=False``: the
+        sleep phase, whose guide may need fantasies to run at all)."""
         if self.max_plate_nesting is None:
-            self.max_plate_nesting = traces.plate_nesting(*self.probe(model, guide, args, kwargs))
+            if with_guide:
+                found: Tuple[Trace, ...] = self.probe(model, guide, args, kwargs)
+            else:
+                found = (traces.probe_model(model, args, kwargs),)
+            self.max_plate_nesting = traces.plate_nesting(*found)
         return self.max_plate_nesting
 
     def probe(

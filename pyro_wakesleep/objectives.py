@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 from numbers import Number, Real
-from typing import Iterable, List, NamedTuple, Optional, Sequence, Union
+from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from pyro.distributions.util import scale_and_mask
@@ -105,6 +105,28 @@ def local_plates(traces: Iterable[Trace]) -> dict:
             if not common:
                 return {}
     return common or {}
+
+
+def sequential_local_plates(traces: Iterable[Trace]) -> Tuple[str, ...]:
+    """
+    The sequential plates (``for i in pyro.plate(...)``) that hold every sample site of every
+    given trace, by name: their iterations are independent data points too, each site's
+    iteration told by its frame's ``counter``.
+    """
+    common: Optional[set] = None
+    for trace in traces:
+        for site in sample_sites(trace):
+            names = {f.name for f in site["cond_indep_stack"] if not f.vectorized}
+            common = names if common is None else common & names
+            if not common:
+                return ()
+    return tuple(sorted(common or ()))
+
+
+def _iteration(site: dict, plates: Tuple[str, ...]) -> Tuple[int, ...]:
+    """The iterations of the sequential ``plates`` a site lies in (its data point)."""
+    counters = {f.name: f.counter for f in site["cond_indep_stack"] if not f.vectorized}
+    return tuple(counters[name] for name in plates)
 
 
 def _common_scale(traces: Sequence[Trace]) -> Optional[float]:
@@ -179,12 +201,28 @@ def log_weights(
 
     ndim = max([ndim] + [dims_needed(t) for t in traces])
 
+    # Data points that are the iterations of sequential plates: one entry each, stacked along
+    # a new leftmost dimension (so the particle dimension moves one to the right).
+    sequential = sequential_local_plates(traces)
+    iterations = sorted(
+        {_iteration(site, sequential) for t in model_traces for site in sample_sites(t)}
+        if sequential
+        else {()}
+    )
+
     def total(trace: Trace) -> Optional[torch.Tensor]:
-        result = None
+        sums: dict = {}
         for site in sample_sites(trace):
             term = _reduce(site_log_prob(site, scaled), keep, ndim)
-            result = term if result is None else result + term
-        return result
+            key = _iteration(site, sequential) if sequential else ()
+            sums[key] = term if key not in sums else sums[key] + term
+        if not sums:
+            return None
+        if not sequential:
+            return sums[()]
+        like = next(iter(sums.values()))
+        parts = torch.broadcast_tensors(*[sums.get(k, torch.zeros_like(like)) for k in iterations])
+        return torch.stack(parts)
 
     log_p = [_present(total(t)) for t in model_traces]
     # A guide with no sample sites (a model without latents) contributes log q = 0.
@@ -193,9 +231,8 @@ def log_weights(
         for lp, lq in zip(log_p, (total(t) for t in guide_traces))
     ]
     if vectorized:
-        log_p_k, log_q_k = torch.broadcast_tensors(
-            log_p[0].movedim(ndim + particle_dim, 0), log_q[0].movedim(ndim + particle_dim, 0)
-        )
+        at = ndim + particle_dim + (1 if sequential else 0)
+        log_p_k, log_q_k = torch.broadcast_tensors(log_p[0].movedim(at, 0), log_q[0].movedim(at, 0))
     else:
         both = torch.broadcast_tensors(*log_p, *log_q)
         log_p_k = torch.stack(both[: len(log_p)])

@@ -8,7 +8,7 @@ guess and the parameters a trace touched. :class:`~pyro_wakesleep.WakeSleepLoss`
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Set, Tuple
 
 import pyro
 import torch
@@ -16,6 +16,7 @@ from pyro import poutine
 from pyro.distributions import util as dist_util
 from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
+from torch.utils import _pytree as pytree
 
 from .objectives import PARTICLE_PLATE, sample_sites
 
@@ -88,17 +89,30 @@ def probe(
             return guide_then_model(model, guide, args, kwargs)
 
 
+def probe_model(model: Callable, args: tuple, kwargs: dict) -> Trace:
+    """Run the model alone outside any step, as :func:`probe` runs guide and model."""
+    devices = [a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda]
+    with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices):
+        with dist_util.validation_enabled(False):
+            return poutine.trace(model).get_trace(*args, **kwargs)
+
+
 def plate_nesting(*traces: Trace) -> int:
     """
     How many dimensions, counted from the right, the model's and guide's batch shapes use:
-    the depth of their vectorized plates, or of a batch shape that reaches further left. A
-    particle plate just left of it lines up with nothing of the model's.
+    the depth of their vectorized plates, or of a batch shape or a value (an observation that a
+    distribution broadcasts against) that reaches further left. A particle plate just left of
+    it lines up with nothing of the model's.
     """
     depth = 0
     for trace in traces:
         for site in sample_sites(trace):
             dims = [-f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
-            depth = max([depth, len(site["fn"].batch_shape)] + dims)
+            dims.append(len(site["fn"].batch_shape))
+            value, event_dim = site["value"], getattr(site["fn"], "event_dim", 0)
+            if isinstance(value, torch.Tensor):  # an observation broadcast against its fn
+                dims.append(value.dim() - event_dim)
+            depth = max([depth] + dims)
     return depth
 
 
@@ -109,3 +123,61 @@ def params(trace: Trace) -> Dict[str, torch.Tensor]:
         for name, site in trace.nodes.items()
         if site["type"] == "param"
     }
+
+
+def tensors_reached(loss: torch.Tensor, params: Dict[str, torch.Tensor]) -> Set[str]:
+    """
+    The names of ``params`` that ``loss`` depends on through autograd (a walk of its graph
+    back to the leaves): the parameters its gradient reaches. Which trace registered a
+    parameter does not say which objective uses it (a model may register a whole module,
+    encoder included, as Pyro's semi-supervised VAE does); the graph does.
+    """
+    leaves = {id(p): name for name, p in params.items()}
+    found: Set[str] = set()
+    seen: Set[int] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in leaves:
+            found.add(leaves[id(variable)])
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+def latent_leaves(trace: Trace) -> Dict[str, torch.Tensor]:
+    """Make the floating-point latent values of a (fantasy) trace leaves of the autograd
+    graph, in place; returns them by site name."""
+    leaves = {}
+    for site in sample_sites(trace):
+        value = site["value"]
+        if site["is_observed"] or site["infer"].get("was_observed"):
+            continue
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            site["value"] = leaves[site["name"]] = value.detach().clone().requires_grad_(True)
+    return leaves
+
+
+def fantasy_leaves(real: Any, given: Any) -> Tuple[tuple, dict, Dict[str, torch.Tensor]]:
+    """
+    The guide's sleep-phase arguments ``given = (args, kwargs)`` with every floating-point
+    tensor that is not one of the ``real`` arguments (the fantasy, in whatever place it was
+    put) replaced by a copy that is a leaf of the autograd graph.
+
+    :returns: ``(args, kwargs, leaves by position)``.
+    """
+    real_ids = {id(t) for t in pytree.tree_leaves(real) if isinstance(t, torch.Tensor)}
+    leaves: Dict[str, torch.Tensor] = {}
+
+    def lift(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and id(t) not in real_ids:
+            leaf = t.detach().clone().requires_grad_(True)
+            leaves[f"argument {len(leaves)}"] = leaf
+            return leaf
+        return t
+
+    args, kwargs = pytree.tree_map(lift, given)
+    return tuple(args), dict(kwargs), leaves

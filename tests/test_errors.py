@@ -348,7 +348,9 @@ def test_unseen_observation_is_fine_without_sleep_phase():
     loss = ws.wake_step(x)  # the wake phase needs no fantasy
     assert isinstance(loss, float) and loss == loss
     assert set(store_snapshot()) == set(before) | {"loc", "new_theta", "w"}
-    ws_wake = WakeSleep(model_reading_global, good_guide, optim, phi_objective="wake")
+    ws_wake = WakeSleep(
+        model_reading_global, good_guide, optim, num_particles=2, phi_objective="wake"
+    )
     losses = ws_wake.step(x)
     assert all(torch.isfinite(torch.tensor(v)) for v in losses)
 

@@ -388,6 +388,8 @@ def test_value_dependent_shapes_run_eagerly_with_a_warning():
         _masking_guide,
         torch.randn(12),
         "depends on tensor values",
+        num_particles=2,
+        vectorize_particles=False,
         phi_objective="wake",
     )
 
@@ -445,6 +447,7 @@ def test_subsampling_plates_replay_their_random_indices(phi_objective):
             _subsampled_model,
             _subsampled_guide,
             pyro.optim.Adam({"lr": 0.1}),
+            num_particles=2 if phi_objective == "wake" else 1,  # wake-phi needs K > 1
             phi_objective=phi_objective,
             jit=use_jit,
         )
@@ -461,6 +464,37 @@ def test_subsampling_plates_replay_their_random_indices(phi_objective):
     if phi_objective == "wake":
         assert ws.recorder.off_reason is None and ws.recorder.num_recordings == 1
     else:
-        # The sleep phase finds the indexed argument by comparing values: not recordable.
+        # The sleep phase finds the indexed argument by comparing values: not recordable, and
+        # the warning says so (not "stochastic control flow", which this model does not have).
         assert ws.recorder.off_reason is not None
-        assert any("runs eagerly" in str(w.message) for w in caught)
+        (message,) = [str(w.message) for w in caught if "runs eagerly" in str(w.message)]
+        assert "site 'x' observes as data[i] by comparing values" in message
+        assert "observations' keyword" in message and "stochastic" not in message
+
+
+def test_the_indexed_observation_idiom_records_with_an_observations_keyword():
+    """The fix the warning above gives: a guide that takes the fantasies by keyword is
+    recorded, and its replayed steps equal the eager ones."""
+
+    def guide(data, observations=None):
+        w = pyro.param("w", torch.tensor(0.5))
+        with pyro.plate("data", data.shape[0], subsample_size=4, dim=-1) as i:
+            x = data[i] if observations is None else observations["x"]
+            pyro.sample("z", dist.Normal(w * x, 1.0))
+
+    data = torch.randn(20)
+
+    def run(use_jit):
+        pyro.clear_param_store()
+        ws = WakeSleep(_subsampled_model, guide, pyro.optim.Adam({"lr": 0.1}), jit=use_jit)
+        torch.manual_seed(9)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = [tuple(ws.step(data)) for _ in range(6)]
+        return out, store_snapshot(), ws
+
+    eager, eager_params, _ = run(False)
+    replayed, jit_params, ws = run(True)
+    assert replayed == eager
+    assert_store_equal(eager_params, jit_params)
+    assert ws.recorder.off_reason is None and ws.recorder.num_recordings == 1

@@ -84,7 +84,7 @@ def test_the_phi_objective_is_one_value():
     for bad in ("awake", 1.5, -0.1, True, None):
         with pytest.raises(ValueError, match="phi_objective must be"):
             PhiObjective.parse(bad)
-    assert WakeSleepLoss(phi_objective="wake").phi_objective == PhiObjective(1.0)
+    assert WakeSleepLoss(2, phi_objective="wake").phi_objective == PhiObjective(1.0)
 
 
 def test_step_reaches_the_objectives_in_four_frames(monkeypatch):

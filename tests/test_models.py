@@ -128,7 +128,7 @@ def test_helmholtz_sites_and_validation():
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(
-    "num_particles, phi_objective", [(1, "sleep"), (1, "wake"), (5, "sleep"), (5, "wake")]
+    "num_particles, phi_objective", [(1, "sleep"), (1, 0.5), (5, "sleep"), (5, "wake")]
 )
 def test_runs_under_wakesleep(kind, num_particles, phi_objective):
     net, x = make(kind)
