@@ -33,7 +33,9 @@ def rows(folder):
 
 
 def untimed(folder):
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows(folder)]
+    """The rows of metrics.csv without the columns that time the run."""
+    timed = ("seconds", "train_seconds", "steps_per_s")
+    return [{k: v for k, v in r.items() if k not in timed} for r in rows(folder)]
 
 
 def run(argv, capsys):

@@ -12,13 +12,15 @@ Each run has a folder of its own (:mod:`pyro_wakesleep.cli.runs`): ``runs/<date>
 unless ``--output`` names one, with ``runs/latest`` pointing at the newest. It holds
 ``checkpoint.pt`` (a :meth:`WakeSleep.save` checkpoint whose ``extra`` holds the run's state:
 configuration, epoch, data-order generator, metrics), ``config.json`` and ``metrics.csv``
-(copies of what the checkpoint holds, for reading), and the figures ``learning_curves.png``,
-``fantasies.png`` and ``reconstructions.png``. Every failure is one line on stderr and exit
-status 2.
+(copies of what the checkpoint holds, for reading), ``final.json`` (the final evaluation),
+the figures ``learning_curves.png``, ``fantasies.png`` and ``reconstructions.png``, and the
+``evaluation_<samples>.json`` that ``evaluate`` writes. Every failure is one line on stderr
+and exit status 2.
 
 The modules: :mod:`~pyro_wakesleep.cli.command` (the entry point),
-:mod:`~pyro_wakesleep.cli.parser` (the options), :mod:`~pyro_wakesleep.cli.config` (their
-checks and defaults), :mod:`~pyro_wakesleep.cli.tasks` (one task object per data source),
+:mod:`~pyro_wakesleep.cli.parser` (the options), :mod:`~pyro_wakesleep.cli.arguments` (their
+types), :mod:`~pyro_wakesleep.cli.config` (their checks and defaults),
+:mod:`~pyro_wakesleep.cli.tasks` (one task object per data source),
 :mod:`~pyro_wakesleep.cli.build` (the model and its WakeSleep),
 :mod:`~pyro_wakesleep.cli.optimizers` (the optimizers and the learning-rate schedule),
 :mod:`~pyro_wakesleep.cli.training` (the training loop),

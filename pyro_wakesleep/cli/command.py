@@ -1,16 +1,17 @@
 """
-The entry point of ``pyro-wakesleep`` (:func:`main`): parses the command line, runs ``train``
-or ``evaluate``, prints the result, and reports every failure and warning on one line of
-stderr (exit status 2 for an error, 130 for Ctrl-C).
+The entry point of ``pyro-wakesleep`` (:func:`main`): parses the command line, sets torch's
+thread count (``--threads``), runs ``train`` or ``evaluate``, prints the result, and reports
+every failure and warning on one line of stderr (exit status 2 for an error, 130 for Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import warnings
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 import torch
 
@@ -55,7 +56,7 @@ def _train_command(
             warnings.warn(
                 f"{', '.join(ignored)} ignored with --resume: the run continues with the "
                 f"configuration it was started with ({args.resume / CONFIG}); only --epochs, "
-                "--device and --jit/--no-jit apply",
+                "--device, --jit/--no-jit and --threads apply",
                 UserWarning,
                 stacklevel=2,
             )
@@ -72,28 +73,42 @@ def _train_command(
                 UserWarning,
                 stacklevel=2,
             )
+        if args.test_size is not None and args.dataset == "bars":
+            warnings.warn(
+                "--test-size ignored: --dataset bars is evaluated exactly, over its 30 images",
+                UserWarning,
+                stacklevel=2,
+            )
         config = {key: getattr(args, key) for key in CONFIG_KEYS}
         result = train(config, progress=not args.no_progress, overwrite=args.overwrite)
     line = _result_line(result)
     if not math.isnan(result["kl_bits"]):
         line += f", KL[data || model] {result['kl_bits']:.3f} bits"
     print(
-        f"{line}; {result['steps']} steps in {result['seconds']:.0f} s; "
-        f"run saved in {result['folder']}"
+        f"{line}; {result['steps']} steps in {result['seconds']:.0f} s "
+        f"({result['train_seconds']:.0f} s training without evaluations, "
+        f"{result['steps_per_s']:.1f} steps/s); run saved in {result['folder']}"
     )
 
 
 def _evaluate_command(args: argparse.Namespace) -> None:
     result = evaluate(
-        args.folder, args.num_samples, args.chunk_size, args.batch_size, args.test_size, args.device
+        args.folder,
+        args.num_samples,
+        args.chunk_size,
+        args.batch_size,
+        args.test_size,
+        args.device,
+        progress=not args.no_progress,
     )
     if not math.isnan(result["kl_bits"]) and not result.get("nonfinite"):
-        print(
+        line = (
             f"exact test log-likelihood {result['test_log_likelihood']:.4f} nats, "
             f"KL[data || model] {result['kl_bits']:.4f} bits"
         )
     else:
-        print(f"{_result_line(result)} with {args.num_samples} samples")
+        line = f"{_result_line(result)} with {args.num_samples} samples"
+    print(line + (f"; saved in {result['file']}" if result["file"] else ""))
     if nonfinite_message(result):
         raise CommandError(nonfinite_message(result))
 
@@ -107,6 +122,20 @@ def _out_of_memory(error: BaseException) -> bool:
     )
 
 
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` (0: left as it is) for the block, then
+    set back (``main`` may be called inside a program)."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count:
+            torch.set_num_threads(previous)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     Run ``pyro-wakesleep`` with the command line ``argv`` (default: ``sys.argv[1:]``).
@@ -116,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _threads(args.threads):
         warnings.showwarning = _show_warning
         try:
             if args.command == "train":

@@ -25,7 +25,7 @@ MAX_SEED = 2**32 - 1
 #: divides it by 1 - beta1 = 0.1.
 MAX_LR = float(torch.finfo(torch.float32).max) / 10
 #: Options that --resume takes; every other one is ignored, with a warning.
-RESUME_OPTIONS = ("resume", "epochs", "device", "jit", "no_progress")
+RESUME_OPTIONS = ("resume", "epochs", "device", "jit", "threads", "no_progress")
 #: The entries of a new run's configuration, in the order ``config.json`` lists them.
 CONFIG_KEYS = (
     "output",

@@ -8,64 +8,24 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Dict, Sequence
 
-from .config import (
-    DATASETS,
-    MAX_LR,
-    MAX_SEED,
-    MODELS,
-    OPTIMIZERS,
-    is_fraction,
-    is_int,
-    is_lr,
-    is_number,
-    is_phi_objective,
-    is_sizes,
-    is_steps,
+from .. import __version__
+from .arguments import (
+    NO_PROGRESS,
+    TEST_SIZE_HELP,
+    THREADS,
+    fraction,
+    layers,
+    learning_rate,
+    nonnegative_int,
+    phi_objective,
+    positive_float,
+    positive_int,
+    seed,
+    steps,
 )
-
-
-def _argument(parse: Callable[[str], Any], ok: Callable[[Any], bool], what: str):
-    """An argparse type: ``parse`` the text, then check it with ``ok``."""
-
-    def convert(text: str) -> Any:
-        try:
-            value = parse(text)
-        except (ValueError, OverflowError):
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-        return value
-
-    return convert
-
-
-def _int_list(text: str) -> List[int]:
-    return [int(s) for s in text.split(",")]
-
-
-def _phi_text(text: str) -> Any:
-    return text if text in ("sleep", "wake") else float(text)
-
-
-_positive_int = _argument(int, is_int, "a positive integer")
-_nonnegative_int = _argument(int, lambda v: is_int(v, 0), "a non-negative integer")
-_positive_float = _argument(float, lambda v: is_number(v) and v > 0, "a positive number")
-_learning_rate = _argument(float, is_lr, f"a positive number at most {MAX_LR:.3g}")
-_fraction = _argument(float, is_fraction, "a number in [0, 1)")
-_seed = _argument(int, lambda v: is_int(v, 0, MAX_SEED), f"an integer in [0, {MAX_SEED}]")
-_layers = _argument(
-    _int_list,
-    lambda v: is_sizes(v, 2),
-    "at least two comma-separated positive sizes, such as 784,200,200",
-)
-_steps = _argument(
-    _int_list,
-    lambda v: is_steps(v) and v != [],
-    "increasing positive step counts such as 800,2500",
-)
-_phi_objective = _argument(_phi_text, is_phi_objective, "'sleep', 'wake' or a number in [0, 1]")
+from .config import DATASETS, MODELS, OPTIMIZERS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,7 +51,8 @@ def _add_train_options(train: argparse.ArgumentParser) -> Dict[str, str]:
         type=Path,
         metavar="FOLDER",
         help="continue the run saved in FOLDER (runs/latest: the newest); it keeps its own "
-        "configuration: only --epochs (the new total), --device and --jit/--no-jit apply",
+        "configuration: only --epochs (the new total), --device, --jit/--no-jit, --threads and "
+        "--no-progress apply",
     )
     add(
         folder,
@@ -110,18 +71,25 @@ def _add_train_options(train: argparse.ArgumentParser) -> Dict[str, str]:
     )
 
     model = group("model")
-    add(model, "--model", choices=MODELS, default="helmholtz")
+    add(
+        model,
+        "--model",
+        choices=MODELS,
+        default="helmholtz",
+        help="helmholtz: a sigmoid belief net with its recognition net (HelmholtzMachine); "
+        "gaussian: Gaussian latents (GaussianHelmholtz) (default helmholtz)",
+    )
     add(
         model,
         "--layers",
-        type=_layers,
+        type=layers,
         default=None,
         help="HelmholtzMachine layer sizes, data first (default 784,200; 16,8,1 for bars)",
     )
     add(
         model,
         "--hidden",
-        type=_positive_int,
+        type=positive_int,
         nargs="*",
         default=None,
         help="deterministic hidden layer sizes inside each conditional "
@@ -130,7 +98,7 @@ def _add_train_options(train: argparse.ArgumentParser) -> Dict[str, str]:
     add(
         model,
         "--z-dim",
-        type=_positive_int,
+        type=positive_int,
         default=20,
         help="latent dimension of the gaussian model",
     )
@@ -144,7 +112,14 @@ def _add_train_options(train: argparse.ArgumentParser) -> Dict[str, str]:
     )
 
     data = group("data")
-    add(data, "--dataset", default="digits", choices=DATASETS)
+    add(
+        data,
+        "--dataset",
+        default="digits",
+        choices=DATASETS,
+        help="digits: the shipped digits; bars: the bars problem, with its own recipe; "
+        "binarized-mnist and mnist-dynamic: read from --data-path (default digits)",
+    )
     add(
         data,
         "--data-path",
@@ -157,40 +132,52 @@ def _add_train_options(train: argparse.ArgumentParser) -> Dict[str, str]:
     add(
         estimator,
         "--num-particles",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="K; 1 is classic wake-sleep, K > 1 reweighted wake-sleep (default 1; 5 for bars)",
     )
-    add(estimator, "--num-sleep-particles", type=_positive_int, default=1)
+    add(
+        estimator,
+        "--num-sleep-particles",
+        type=positive_int,
+        default=1,
+        help="fantasies (dreams) per data point in the sleep phase (default 1)",
+    )
     add(
         estimator,
         "--phi-objective",
-        type=_phi_objective,
+        type=phi_objective,
         default=None,
         help="'sleep', 'wake', or a in [0, 1] mixing wake-phi and sleep-phi "
         "(default sleep; wake for bars)",
     )
 
     schedule = group("optimizer and schedule")
-    add(schedule, "--optimizer", choices=OPTIMIZERS, default="adam")
+    add(
+        schedule,
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="adam",
+        help="Pyro's optimizer of the model and of the guide (default adam)",
+    )
     add(
         schedule,
         "--lr",
-        type=_learning_rate,
+        type=learning_rate,
         default=None,
         help="learning rate (default 1e-3; 0.1 for bars)",
     )
     add(
         schedule,
         "--guide-lr",
-        type=_learning_rate,
+        type=learning_rate,
         default=None,
         help="learning rate of the guide (default: --lr; 0.3 for bars)",
     )
     add(
         schedule,
         "--candidates",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="train this many networks from different seeds and keep the best by successive "
         "selection on held-in training data (default 1; 24 for bars)",
@@ -198,7 +185,7 @@ def _add_train_options(train: argparse.ArgumentParser) -> Dict[str, str]:
     add(
         schedule,
         "--selection-steps",
-        type=_steps,
+        type=steps,
         default=None,
         help="with --candidates: step counts at which candidates are ranked; a third survive "
         "each ranking and one the last (default 800,2500 for bars)",
@@ -206,16 +193,22 @@ def _add_train_options(train: argparse.ArgumentParser) -> Dict[str, str]:
     add(
         schedule,
         "--shrink",
-        type=_fraction,
+        type=fraction,
         default=None,
         help="multiply the weight matrices by 1 - SHRINK after each of the first "
         "--shrink-steps steps (default 0; 3e-3 for bars)",
     )
-    add(schedule, "--shrink-steps", type=_nonnegative_int, default=None)
+    add(
+        schedule,
+        "--shrink-steps",
+        type=nonnegative_int,
+        default=None,
+        help="the steps that --shrink applies to (default 0; 2000 for bars)",
+    )
     add(
         schedule,
         "--lr-decay",
-        type=_fraction,
+        type=fraction,
         default=None,
         help="decay the learning rates geometrically over this final fraction of the run "
         "(default 0; 0.6 for bars)",
@@ -223,23 +216,35 @@ def _add_train_options(train: argparse.ArgumentParser) -> Dict[str, str]:
     add(
         schedule,
         "--lr-final",
-        type=_positive_float,
+        type=positive_float,
         default=0.01,
         help="learning rate factor reached at the end of --lr-decay",
     )
-    add(schedule, "--batch-size", type=_positive_int, default=100)
+    add(
+        schedule,
+        "--batch-size",
+        type=positive_int,
+        default=100,
+        help="data points per training step (default 100)",
+    )
     add(
         schedule,
         "--epochs",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="passes over the training data (default 100; bars: 60 epochs of 100 fresh batches "
         "after the candidate selection); with --resume, the new total",
     )
 
     running = group("running")
-    add(running, "--seed", type=_seed, default=0)
-    add(running, "--device", default="cpu", help="cpu, cuda or cuda:N")
+    add(
+        running,
+        "--seed",
+        type=seed,
+        default=0,
+        help="seed of the initial weights, the data order and the samples (default 0)",
+    )
+    add(running, "--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     add(
         running,
         "--jit",
@@ -248,36 +253,38 @@ def _add_train_options(train: argparse.ArgumentParser) -> Dict[str, str]:
         help="record each step once and replay it (WakeSleep(jit=True)): bitwise the same "
         "results as --no-jit, less time per step (default: on)",
     )
-    add(running, "--no-progress", action="store_true", help="no progress bar")
+    add(running, "--threads", **THREADS)
+    add(running, "--no-progress", **NO_PROGRESS)
 
     evaluation = group("evaluation")
     add(
         evaluation,
         "--eval-every",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="epochs between test evaluations (default: 10 evaluations a run)",
     )
     add(
         evaluation,
         "--eval-samples",
-        type=_positive_int,
+        type=positive_int,
         default=100,
-        help="importance samples per test point in periodic evaluations",
+        help="importance samples per test point in periodic evaluations (default 100)",
     )
     add(
         evaluation,
         "--final-samples",
-        type=_positive_int,
+        type=positive_int,
         default=1000,
-        help="importance samples per test point in the final evaluation",
+        help="importance samples per test point in the final evaluation, saved in the run's "
+        "final.json (default 1000)",
     )
     add(
         evaluation,
         "--test-size",
-        type=_positive_int,
+        type=positive_int,
         default=None,
-        help="evaluate on the first N test points only",
+        help=TEST_SIZE_HELP,
     )
     return options
 
@@ -289,18 +296,54 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pyro-wakesleep",
         description="Train and evaluate Helmholtz machines by wake-sleep (pyro-wakesleep).",
     )
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {__version__}",
+        help="print the version and exit",
+    )
+    commands = parser.add_subparsers(
+        dest="command",
+        required=True,
+        parser_class=_Parser,
+        metavar="COMMAND",
+        help="train or evaluate",
+    )
 
     train = commands.add_parser("train", help="train a model (defaults: shipped digits)")
     options = _add_train_options(train)
 
-    evaluate = commands.add_parser("evaluate", help="re-estimate a run's test log-likelihood")
-    evaluate.add_argument("folder", type=Path, help="a run folder (runs/latest: the newest)")
-    evaluate.add_argument("--num-samples", type=_positive_int, default=5000)
-    evaluate.add_argument("--chunk-size", type=_positive_int, default=500)
-    evaluate.add_argument("--batch-size", type=_positive_int, default=100)
-    evaluate.add_argument("--test-size", type=_positive_int, default=None)
-    evaluate.add_argument("--device", default=None)
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="re-estimate a run's test log-likelihood",
+        description="Re-estimate the test log-likelihood of a saved run and save it in the run's "
+        "folder, in evaluation_<num-samples>.json (evaluation_exact.json for bars); the "
+        "training's own final evaluation, final.json, is left as it is.",
+    )
+    add = evaluate.add_argument
+    add("folder", type=Path, help="a run folder (runs/latest: the newest)")
+    add(
+        "--num-samples",
+        type=positive_int,
+        default=5000,
+        help="importance samples per test point (default 5000; bars is exact and ignores it)",
+    )
+    add(
+        "--chunk-size",
+        type=positive_int,
+        default=500,
+        help="samples drawn at once: memory grows with it (default 500)",
+    )
+    add(
+        "--batch-size",
+        type=positive_int,
+        default=100,
+        help="test points evaluated at once: memory grows with it (default 100)",
+    )
+    add("--test-size", type=positive_int, default=None, help=TEST_SIZE_HELP)
+    add("--device", default=None, help="cpu, cuda or cuda:N (default: the run's)")
+    add("--threads", **THREADS)
+    add("--no-progress", **NO_PROGRESS)
     parser.train_options = options  # type: ignore[attr-defined]
     return parser
 

@@ -36,10 +36,20 @@ except ImportError:  # pragma: no cover - Windows: a lock file with a live owner
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
 METRICS = "metrics.csv"
+#: The final evaluation of ``train``, as JSON.
+FINAL = "final.json"
 FIGURES = ("learning_curves.png", "fantasies.png", "reconstructions.png")
 LOCK = "run.lock"
 #: The files a run writes in its folder.
-RUN_FILES = (CHECKPOINT, CONFIG, METRICS, *FIGURES)
+RUN_FILES = (CHECKPOINT, CONFIG, METRICS, FINAL, *FIGURES)
+#: The files ``evaluate`` writes in a run's folder (``evaluation_<samples>.json``).
+EVALUATIONS = "evaluation_*.json"
+
+
+def evaluation_file(num_samples: Optional[int]) -> str:
+    """The name of the file ``evaluate`` writes: ``evaluation_<num_samples>.json``, or
+    ``evaluation_exact.json`` for an exact evaluation (``None``)."""
+    return f"evaluation_{'exact' if num_samples is None else num_samples}.json"
 
 
 class RunFolderError(Exception):
@@ -90,14 +100,17 @@ def point_latest(folder: Path) -> Optional[str]:
 
 
 def run_files(folder: Path) -> List[str]:
-    """The run files (:data:`RUN_FILES`) present in ``folder``."""
-    return [name for name in RUN_FILES if (folder / name).exists()]
+    """The run files present in ``folder``: :data:`RUN_FILES`, then the evaluations
+    (:data:`EVALUATIONS`)."""
+    present = [name for name in RUN_FILES if (folder / name).exists()]
+    return present + sorted(p.name for p in folder.glob(EVALUATIONS) if p.is_file())
 
 
 def claim(folder: Path, overwrite: bool) -> None:
     """
     Make ``folder`` ready for a new run: refuse one that holds a run (any of
-    :data:`RUN_FILES`), or with ``overwrite`` remove that run's files (and nothing else).
+    :data:`RUN_FILES` or an evaluation), or with ``overwrite`` remove that run's files (and
+    nothing else).
 
     :raises RunFolderError: naming the files found and the ways on.
     """
@@ -109,7 +122,7 @@ def claim(folder: Path, overwrite: bool) -> None:
         )
     for name in present:
         (folder / name).unlink()
-    for name in (CHECKPOINT, CONFIG, METRICS, *FIGURES):
+    for name in RUN_FILES:
         remove_stale_temporaries(folder / name)
 
 

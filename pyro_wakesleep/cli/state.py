@@ -1,8 +1,8 @@
 """
 The state of a run that its checkpoint holds under ``extra["run"]`` besides WakeSleep's own:
-the configuration, the epoch, the data-order generator, the metrics and the training time;
-written with the checkpoint (:func:`run_state`) and read back, checked, with ``config.json``
-checked against it (:func:`read_run`).
+the configuration, the epoch, the data-order generator, the metrics and the training time
+(with and without evaluations); written with the checkpoint (:func:`run_state`) and read back,
+checked, with ``config.json`` checked against it (:func:`read_run`).
 """
 
 from __future__ import annotations
@@ -18,16 +18,21 @@ from .config import RESUME_OPTIONS, check_config, is_int, is_number
 from .errors import CommandError
 from .runs import CHECKPOINT, CONFIG, run_files
 
-#: The columns of ``metrics.csv``, one row per epoch.
+#: The columns of an evaluation in ``metrics.csv`` (empty in the epochs without one).
+EVALUATION_FIELDS = ["test_log_likelihood", "test_stderr", "kl_bits"]
+#: The columns of ``metrics.csv``, one row per epoch: ``seconds`` since the start, evaluations
+#: and checkpoints included; ``train_seconds`` the same without evaluations and checkpoints;
+#: ``steps_per_s`` the epoch's own training rate. The last two came later: the rows of a run
+#: saved before them lack them.
 METRIC_FIELDS = [
     "step",
     "epoch",
     "seconds",
     "wake_theta",
     "phi",
-    "test_log_likelihood",
-    "test_stderr",
-    "kl_bits",
+    *EVALUATION_FIELDS,
+    "train_seconds",
+    "steps_per_s",
 ]
 #: The version of the run state that a run's checkpoint holds under ``extra["run"]``.
 RUN_STATE_VERSION = 1
@@ -41,6 +46,9 @@ class SavedRun(NamedTuple):
     data_rng: torch.Tensor
     metrics: List[Dict[str, Any]]
     seconds: float
+    #: The training time without evaluations and checkpoints (``seconds`` for a run saved
+    #: before it was kept).
+    train_seconds: float
 
 
 def run_state(
@@ -49,6 +57,7 @@ def run_state(
     generator: torch.Generator,
     metrics: List[Dict[str, Any]],
     seconds: float,
+    train_seconds: float,
 ) -> Dict[str, Any]:
     """The ``extra`` of a run's checkpoint: everything a resumed run needs besides WakeSleep's
     own state, saved in the same atomic write (so the two always agree)."""
@@ -60,6 +69,7 @@ def run_state(
             "data_rng": generator.get_state(),
             "metrics": metrics,
             "seconds": seconds,
+            "train_seconds": train_seconds,
         }
     }
 
@@ -128,6 +138,9 @@ def read_run(folder: Path) -> SavedRun:
     seconds: Any = run.get("seconds")
     if not (is_number(seconds) and seconds >= 0):
         raise CommandError(f"{path}: the saved training time {seconds!r} is malformed")
+    train_seconds: Any = run.get("train_seconds", seconds)  # absent in older runs
+    if not (is_number(train_seconds) and train_seconds >= 0):
+        raise CommandError(f"{path}: the saved training time {train_seconds!r} is malformed")
     on_disk = folder / CONFIG
     if on_disk.exists():
         try:
@@ -152,4 +165,4 @@ def read_run(folder: Path) -> SavedRun:
                 f"({', '.join(differ)}): the folder mixes two runs, or {CONFIG} was edited; "
                 f"delete {CONFIG} to continue with the checkpoint's configuration"
             )
-    return SavedRun(config, epoch, data_rng, metrics, float(seconds))
+    return SavedRun(config, epoch, data_rng, metrics, float(seconds), float(train_seconds))

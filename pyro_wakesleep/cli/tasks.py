@@ -18,10 +18,27 @@ from typing import Any, Dict, List, Type
 
 import pyro
 import torch
+from pyro import poutine
 
 from ..datasets import Bars, load_dataset
-from ..evaluate import evaluate_dataset, exact_log_likelihood
+from ..evaluate import LogLikelihood, evaluate_dataset, exact_log_likelihood
+from ..traces import guide_then_model, plate_nesting
 from .errors import CommandError
+
+#: The seed of the permutation that picks ``--test-size`` test points: fixed, and apart from
+#: ``--seed``, so that every run and every ``evaluate`` with the same size uses the same points.
+TEST_SUBSET_SEED = 0
+
+
+def subset_indices(count: int, size: int) -> torch.Tensor:
+    """
+    The indices of the ``size`` test points that ``--test-size size`` evaluates, out of
+    ``count``: the first ``size`` of a permutation drawn by a generator of its own seeded with
+    :data:`TEST_SUBSET_SEED`, in increasing order (all ``count`` when ``size >= count``). The
+    test sets are sorted by label, so their first points would be one digit only.
+    """
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(TEST_SUBSET_SEED))
+    return order[:size].sort().values
 
 
 def net_device(net: torch.nn.Module) -> torch.device:
@@ -100,7 +117,12 @@ class Task:
         raise NotImplementedError
 
     def evaluate(
-        self, net: Any, num_samples: int, chunk_size: int = 500, batch_size: int = 100
+        self,
+        net: Any,
+        num_samples: int,
+        chunk_size: int = 500,
+        batch_size: int = 100,
+        progress: bool = False,
     ) -> Dict[str, Any]:
         """
         The test log-likelihood, its standard error, KL[data || model] in bits (NaN unless
@@ -112,12 +134,14 @@ class Task:
         :param num_samples: importance samples per test point.
         :param chunk_size: samples drawn at once.
         :param batch_size: test points evaluated at once.
+        :param progress: show a progress bar over the test batches when stderr is a terminal
+            (importance sampling only: an exact evaluation is one computation).
         """
         with pyro.validation_enabled(False):
-            return self._evaluate(net, num_samples, chunk_size, batch_size)
+            return self._evaluate(net, num_samples, chunk_size, batch_size, progress)
 
     def _evaluate(
-        self, net: Any, num_samples: int, chunk_size: int, batch_size: int
+        self, net: Any, num_samples: int, chunk_size: int, batch_size: int, progress: bool
     ) -> Dict[str, Any]:
         raise NotImplementedError
 
@@ -137,7 +161,7 @@ class ImageTask(Task):
         data = load_dataset(self.name, path, generator=generator)
         test = data["test"]
         if config.get("test_size"):
-            test = test[: config["test_size"]]
+            test = test[subset_indices(len(test), config["test_size"])]
         self.train = data["train"].to(device)
         self.test = test.to(device)
         self.dynamic = data.get("dynamic")
@@ -179,16 +203,38 @@ class ImageTask(Task):
         return self.test[:: max(1, len(self.test) // 16)][:16].cpu()
 
     def _evaluate(
-        self, net: Any, num_samples: int, chunk_size: int, batch_size: int
+        self, net: Any, num_samples: int, chunk_size: int, batch_size: int, progress: bool
     ) -> Dict[str, Any]:
-        result = evaluate_dataset(
-            net.model,
-            net.guide,
-            self.test,
-            batch_size=batch_size,
-            num_samples=num_samples,
-            chunk_size=min(chunk_size, num_samples),
+        from tqdm.auto import tqdm
+
+        # evaluate_dataset one batch at a time, for the progress bar: the plate nesting guessed
+        # from the first batch once, as evaluate_dataset does (the same random draws, so the
+        # same estimates as one call over the whole test set).
+        batches = self.test.split(batch_size)
+        with torch.no_grad(), poutine.block():
+            nesting = plate_nesting(*guide_then_model(net.model, net.guide, (batches[0],), {}))
+        parts = []
+        bar = tqdm(
+            batches,
+            disable=None if progress else True,  # None: on a terminal only
+            desc=f"evaluate ({num_samples} samples)",
+            unit="batch",
+            leave=False,
+            dynamic_ncols=True,
         )
+        for batch in bar:
+            parts.append(
+                evaluate_dataset(
+                    net.model,
+                    net.guide,
+                    batch,
+                    batch_size=batch_size,
+                    num_samples=num_samples,
+                    chunk_size=min(chunk_size, num_samples),
+                    max_plate_nesting=nesting,
+                )
+            )
+        result = LogLikelihood.cat(parts)
         n = result.log_px.numel()
         return {
             "test_log_likelihood": float(result.log_px.mean()),
@@ -284,7 +330,7 @@ class BarsTask(Task):
         return self.bars.sample(16, torch.Generator().manual_seed(0))
 
     def _evaluate(
-        self, net: Any, num_samples: int, chunk_size: int, batch_size: int
+        self, net: Any, num_samples: int, chunk_size: int, batch_size: int, progress: bool
     ) -> Dict[str, Any]:
         images, probs = self.bars.distribution()
         with torch.no_grad():

@@ -2,7 +2,7 @@
 The ``train`` command's work: a new run in a folder of its own, or a saved run continued, by
 one training loop for every data source (the task supplies the data and the evaluations).
 Each epoch ends with one checkpoint (the run's state in its ``extra``), then ``config.json``
-and ``metrics.csv`` rewritten to match it.
+and ``metrics.csv`` rewritten to match it; the final evaluation is saved in ``final.json``.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ from ..datasets import DatasetError
 from .build import build_model, build_wake_sleep, resolve_device, shrink_weights
 from .config import apply_defaults, check_config
 from .errors import CommandError, Interrupted
-from .evaluation import nonfinite_message
+from .evaluation import evaluation_record, nonfinite_message
 from .figures import write_figures
 from .optimizers import add_scheduler_states, lr_schedule, step_schedules
 from .runs import (
     CHECKPOINT,
     CONFIG,
+    FINAL,
     METRICS,
     RunLock,
     claim,
@@ -39,7 +40,7 @@ from .runs import (
     write_json,
 )
 from .selection import select_candidate
-from .state import METRIC_FIELDS, SavedRun, jsonable, read_run, run_state
+from .state import EVALUATION_FIELDS, METRIC_FIELDS, SavedRun, jsonable, read_run, run_state
 from .tasks import Task, load_task
 
 
@@ -58,7 +59,9 @@ def train(
     :param resume: the folder of the run to continue.
     :param progress: show a progress bar and the selection's rankings.
     :param overwrite: replace the run held in ``config["output"]``.
-    :returns: the final evaluation, the folder, the step count and the training time.
+    :returns: the final evaluation, the folder, the step count, the time (``seconds``), the
+        training time without evaluations and checkpoints (``train_seconds``) and the training
+        steps per second of it (``steps_per_s``; candidate selection left out of both).
     :raises CommandError: with one line for the user (a refused folder, a malformed run,
         a diverged run, ...).
     """
@@ -154,7 +157,7 @@ def _train(
             ws = build_wake_sleep(net, config, schedule)
         generator = torch.Generator().manual_seed(config["seed"])
         metrics: List[Dict[str, Any]] = []
-        seconds = 0.0
+        seconds = train_seconds = 0.0
         written_config = None
         if saved is not None:
             ws.load(folder / CHECKPOINT, task.probe_batch())
@@ -163,6 +166,7 @@ def _train(
                 add_scheduler_states(ws, read(folder / CHECKPOINT), config, schedule, done)
             generator.set_state(saved.data_rng)
             metrics, seconds = list(saved.metrics), saved.seconds
+            train_seconds = saved.train_seconds
             # What the checkpoint holds, once each (a kill between the checkpoint and the
             # metrics file leaves the file behind or ahead).
             write_csv(folder / METRICS, METRIC_FIELDS, metrics)
@@ -181,6 +185,7 @@ def _train(
             for epoch in range(saved_epoch, config["epochs"]):
                 wake_sum = phi_sum = 0.0
                 count = 0
+                epoch_started = time.time()
                 for x in task.epoch_batches(batch_size, generator):
                     losses = ws.step(x)
                     step_schedules(ws)
@@ -193,20 +198,24 @@ def _train(
                         wake_theta=f"{losses.wake_theta / len(x):.2f}",
                         phi=f"{losses.phi / len(x):.2f}",
                     )
+                epoch_seconds = time.time() - epoch_started
+                train_seconds += epoch_seconds
                 row: Dict[str, Any] = {
                     "step": ws.num_steps,
                     "epoch": epoch + 1,
                     "seconds": f"{time.time() - started:.1f}",
                     "wake_theta": f"{wake_sum / count:.4f}",
                     "phi": f"{phi_sum / count:.4f}",
+                    "train_seconds": f"{train_seconds:.1f}",
+                    "steps_per_s": f"{batches_per_epoch / max(epoch_seconds, 1e-9):.1f}",
                 }
                 if (epoch + 1) % config["eval_every"] == 0 or epoch + 1 == config["epochs"]:
-                    evaluation = task.evaluate(net, config["eval_samples"])
+                    evaluation = task.evaluate(net, config["eval_samples"], progress=progress)
                     if nonfinite_message(evaluation):
                         warnings.warn(
                             f"epoch {epoch + 1}: {nonfinite_message(evaluation)}", stacklevel=2
                         )
-                    row.update({k: f"{evaluation[k]:.4f}" for k in METRIC_FIELDS[5:]})
+                    row.update({k: f"{evaluation[k]:.4f}" for k in EVALUATION_FIELDS})
                     bar.write(
                         f"epoch {epoch + 1}: test log-likelihood "
                         f"{evaluation['test_log_likelihood']:.3f}"
@@ -214,9 +223,13 @@ def _train(
                     )
                 with _uninterrupted():
                     metrics.append(row)
-                    state = run_state(config, epoch + 1, generator, metrics, time.time() - started)
+                    state = run_state(
+                        config, epoch + 1, generator, metrics, time.time() - started, train_seconds
+                    )
                     ws.save(folder / CHECKPOINT, extra=state)
                     saved_epoch = epoch + 1
+                    # A resumed run's earlier final evaluation is of an earlier checkpoint.
+                    (folder / FINAL).unlink(missing_ok=True)
                     if written_config != jsonable(config):
                         write_json(folder / CONFIG, config)
                         written_config = jsonable(config)
@@ -248,8 +261,21 @@ def _train(
         if saved_epoch:
             message += f": continue with pyro-wakesleep train --resume {folder}"
         raise Interrupted(message) from None
-    final = task.evaluate(net, config["final_samples"])
+    evaluation_started = time.time()
+    final = task.evaluate(net, config["final_samples"], progress=progress)
     if nonfinite_message(final):
         warnings.warn(f"final evaluation: {nonfinite_message(final)}", stacklevel=2)
+    timing = {
+        "seconds": time.time() - started,
+        "train_seconds": train_seconds,
+        # The steps of the training loop (a candidate selection's are not timed).
+        "steps_per_s": config["epochs"] * batches_per_epoch / max(train_seconds, 1e-9),
+    }
+    record = evaluation_record(
+        final, task, config["final_samples"], config, ws.num_steps, config["epochs"]
+    )
+    record.update(evaluation_seconds=time.time() - evaluation_started, **timing)
+    write_json(folder / FINAL, record)
     write_figures(folder, net, task, metrics)
-    return {**final, "folder": str(folder), "steps": ws.num_steps, "seconds": time.time() - started}
+    timing["seconds"] = time.time() - started
+    return {**final, "folder": str(folder), "steps": ws.num_steps, **timing}
