@@ -15,6 +15,9 @@ small shipped subset of binarized MNIST, and the bars problem.
 - :func:`load_digits` loads ``pyro_wakesleep/data/digits.npz``, 3,000 training and 1,000
   labelled test rows of the fixed binarized MNIST shipped with the package (see
   :mod:`pyro_wakesleep.data.make_digits` for where the rows come from).
+- :func:`multi_digit_canvases` composes canvases holding a random number of those digits at
+  random positions (:func:`load_multi_digits`: training and test canvases with their counts),
+  the data of Attend-Infer-Repeat (:class:`~pyro_wakesleep.models.MultiDigitAIR`).
 - :class:`Bars` is the bars problem of Hinton, Dayan, Frey & Neal (1995), with its exact data
   distribution, entropy and KL divergence to a model.
 - :func:`load_dataset` picks one of these by name.
@@ -35,6 +38,7 @@ Everything above is importable from here; the modules, one concept each:
 - :mod:`.binarized_mnist`: :func:`load_binarized_mnist` and the ``test`` labels.
 - :mod:`.mnist`: plain MNIST and dynamic binarization.
 - :mod:`.digits`: the shipped subset.
+- :mod:`.multi_digits`: multi-digit canvases.
 - :mod:`.bars`: the bars problem.
 - :mod:`.by_name`: :func:`load_dataset`.
 """
@@ -55,6 +59,7 @@ from .download import (
 from .errors import DatasetError
 from .layout import BINARIZED_MNIST_SIZES
 from .mnist import dynamic_binarization, load_mnist
+from .multi_digits import MultiDigits, load_multi_digits, multi_digit_canvases, shrink_digits
 from .storage import PathLike as PathLike  # the loaders' path type, importable as before
 from .storage import npz_bytes, packed_sha256, read_npz, write_atomic
 
@@ -66,6 +71,7 @@ __all__ = [
     "DATASET_NAMES",
     "Bars",
     "DatasetError",
+    "MultiDigits",
     "binarized_mnist_test_labels",
     "default_cache_dir",
     "download_binarized_mnist",
@@ -74,8 +80,11 @@ __all__ = [
     "load_dataset",
     "load_digits",
     "load_mnist",
+    "load_multi_digits",
+    "multi_digit_canvases",
     "npz_bytes",
     "packed_sha256",
     "read_npz",
+    "shrink_digits",
     "write_atomic",
 ]

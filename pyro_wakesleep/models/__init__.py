@@ -10,6 +10,8 @@ Each is an :class:`~torch.nn.Module` (a :class:`ModelGuidePair`) with Pyro metho
 * :class:`HelmholtzMachine`: a layered sigmoid belief net with binary stochastic units;
 * :class:`GaussianHelmholtz`: standard normal latents and a Bernoulli decoder;
 * :class:`GaussianMixture`: a Gaussian mixture with an amortized categorical guide;
+* :class:`MultiDigitAIR`: Attend-Infer-Repeat, a model with stochastic control flow (a random
+  number of objects, each placed by a spatial transformer), for multi-digit canvases;
 * :class:`BernoulliUnits`: ``Bernoulli(logits=...).to_event(1)`` with a leaner ``log_prob``,
   the binary units of the first two.
 
@@ -20,16 +22,19 @@ Each is an :class:`~torch.nn.Module` (a :class:`ModelGuidePair`) with Pyro metho
 >>> ws = WakeSleep(hm.model, hm.guide, pyro.optim.Adam({"lr": 1e-2}))
 """
 
+from .air import AIRLatents, MultiDigitAIR
 from .base import BernoulliUnits, ModelGuidePair, mlp
 from .gaussian import GaussianHelmholtz
 from .helmholtz import HelmholtzMachine
 from .mixture import GaussianMixture
 
 __all__ = [
+    "AIRLatents",
     "BernoulliUnits",
     "GaussianHelmholtz",
     "GaussianMixture",
     "HelmholtzMachine",
     "ModelGuidePair",
+    "MultiDigitAIR",
     "mlp",
 ]
