@@ -156,6 +156,8 @@ def test_lr_decay_schedule():
         (["train", "--dataset", "binarized-mnist"], "--data-path"),
         (["train", "--batch-size", "0"], "--batch-size"),
         (["train", "--phi-objective", "2"], "--phi-objective"),
+        (["train", "--phi-objective", "wake"], "--num-particles 5"),
+        (["train", "--phi-objective", "1.0", "--num-particles", "1"], "zero expected gradient"),
         (["train", "--layers", "100,10"], "784"),
         (["train", "--resume", "/nonexistent-run"], "/nonexistent-run"),
         (["train", "--resume", "/nonexistent-run", "--overwrite"], "--overwrite"),

@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
+from ..objectives import PhiObjective
 from .errors import CommandError
 from .tasks import TASKS
 
@@ -167,6 +168,13 @@ def check_config(config: Any, source: str) -> Dict[str, Any]:
     if config["model"] == "helmholtz" and config["layers"][0] != task.x_dim:
         raise fail(
             f"--layers must start with the data dimension {task.x_dim}, got {config['layers'][0]}"
+        )
+    phi = PhiObjective.parse(config["phi_objective"])
+    if config["num_particles"] == 1 and not phi.uses_sleep:
+        raise fail(
+            "--phi-objective wake with --num-particles 1 does not train the guide (one "
+            "particle's self-normalized weight is 1: zero expected gradient); use "
+            "--num-particles 5, or --phi-objective sleep"
         )
     if config["candidates"] > 1 and not config["selection_steps"]:
         raise fail("--candidates above 1 needs --selection-steps, such as 800,2500")
