@@ -1,3 +1,5 @@
+import shutil
+
 import pyro
 import pytest
 import torch
@@ -48,3 +50,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- runs of the command
+
+#: Options for a tiny run of the command: seconds, not minutes.
+QUIET = ["--eval-samples", "4", "--final-samples", "8", "--test-size", "20", "--no-progress"]
+TINY = ["--layers", "784,8", "--epochs", "2", "--eval-every", "1", *QUIET]
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """A finished two-epoch run of the command, copied by the tests that change it."""
+    from pyro_wakesleep.cli import main
+
+    folder = tmp_path_factory.mktemp("template") / "run"
+    assert main(["train", "--output", str(folder), *TINY]) == 0
+    return folder
+
+
+def copy_run(template, tmp_path, name="run"):
+    folder = tmp_path / name
+    shutil.copytree(template, folder)
+    return folder

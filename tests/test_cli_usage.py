@@ -14,6 +14,7 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
+from conftest import TINY, copy_run
 
 import pyro_wakesleep
 from pyro_wakesleep import WakeSleep
@@ -26,8 +27,6 @@ from pyro_wakesleep.evaluate import evaluate_dataset
 from pyro_wakesleep.models import HelmholtzMachine
 
 ROOT = Path(__file__).resolve().parents[1]
-QUIET = ["--eval-samples", "4", "--final-samples", "8", "--test-size", "20", "--no-progress"]
-TINY = ["--layers", "784,8", "--epochs", "2", "--eval-every", "1", *QUIET]
 NEW_COLUMNS = ("train_seconds", "steps_per_s")
 
 
@@ -43,20 +42,6 @@ def rows(folder):
 
     with open(folder / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    """A finished two-epoch run, copied by the tests that change it."""
-    folder = tmp_path_factory.mktemp("template") / "run"
-    assert main(["train", "--output", str(folder), *TINY]) == 0
-    return folder
-
-
-def copy_run(template, tmp_path, name="run"):
-    folder = tmp_path / name
-    shutil.copytree(template, folder)
-    return folder
 
 
 def spy_on_evaluations(monkeypatch):

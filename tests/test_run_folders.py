@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import QUIET, TINY, copy_run
 from test_checkpoint import crafted_checkpoints
 
 from pyro_wakesleep import NonFiniteLossError, WakeSleep
@@ -23,8 +24,6 @@ from pyro_wakesleep.checkpoint import read
 from pyro_wakesleep.cli import main
 
 SHARED = Path(__file__).parents[1].parent / "shared" / "data"
-QUIET = ["--eval-samples", "4", "--final-samples", "8", "--test-size", "20", "--no-progress"]
-TINY = ["--layers", "784,8", "--epochs", "2", "--eval-every", "1", *QUIET]
 
 
 def rows(folder):
@@ -59,20 +58,6 @@ def files(folder):
 
 def no_temporary_files(folder):
     return not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    """A finished two-epoch run, copied by the tests that spoil it."""
-    folder = tmp_path_factory.mktemp("template") / "run"
-    assert main(["train", "--output", str(folder), *TINY]) == 0
-    return folder
-
-
-def copy_run(template, tmp_path, name="run"):
-    folder = tmp_path / name
-    shutil.copytree(template, folder)
-    return folder
 
 
 def rewrite_checkpoint(folder, change):
