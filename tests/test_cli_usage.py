@@ -27,7 +27,7 @@ from pyro_wakesleep.evaluate import evaluate_dataset
 from pyro_wakesleep.models import HelmholtzMachine
 
 ROOT = Path(__file__).resolve().parents[1]
-NEW_COLUMNS = ("train_seconds", "steps_per_s")
+NEW_COLUMNS = ("train_seconds", "steps_per_s", "count_accuracy")
 
 
 def run(argv, capsys):
@@ -181,7 +181,8 @@ def test_the_training_rate_and_time_without_evaluations_are_reported(tmp_path, c
     )
     assert found, out
     table = rows(folder)
-    assert list(table[0])[-2:] == list(NEW_COLUMNS), "new columns come last"
+    assert list(table[0])[-3:] == list(NEW_COLUMNS), "new columns come last"
+    assert {row["count_accuracy"] for row in table} == {""}, "measured for AIR only"
     for row in table:
         assert float(row["steps_per_s"]) > 0
         assert 0 <= float(row["train_seconds"]) <= float(row["seconds"])
@@ -192,8 +193,8 @@ def test_the_training_rate_and_time_without_evaluations_are_reported(tmp_path, c
 
 
 def test_a_run_saved_without_the_new_columns_resumes(template, tmp_path, capsys):
-    """A run folder of an earlier version: metric rows without train_seconds and
-    steps_per_s, a run state without train_seconds."""
+    """A run folder of an earlier version: metric rows without train_seconds,
+    steps_per_s and count_accuracy, a run state without train_seconds."""
     folder = copy_run(template, tmp_path)
     raw = torch.load(folder / "checkpoint.pt", weights_only=True)
     state = raw["extra"]["run"]

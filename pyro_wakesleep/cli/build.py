@@ -11,10 +11,13 @@ from typing import Any, Dict, Optional
 import torch
 
 from .. import WakeSleep
-from ..models import GaussianHelmholtz, HelmholtzMachine, ModelGuidePair
+from ..models import GaussianHelmholtz, HelmholtzMachine, ModelGuidePair, MultiDigitAIR
 from .errors import CommandError
 from .optimizers import Schedule, make_optimizer
-from .tasks import TASKS
+from .registry import TASKS
+
+#: The steps (most objects) of ``--model air``: one more than the multi-digit canvases hold.
+AIR_MAX_OBJECTS = 3
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,6 +57,14 @@ def build_model(config: Dict[str, Any], name: Optional[str] = None) -> ModelGuid
         if config.get("init") == "sparse":
             net.sparse_init_()
         return net
+    if config["model"] == "air":
+        return MultiDigitAIR(
+            canvas_size=28,
+            max_objects=AIR_MAX_OBJECTS,
+            z_what_dim=config["z_dim"],
+            hidden=config["hidden"][0],
+            name=name or "air",
+        )
     return GaussianHelmholtz(
         TASKS[config["dataset"]].x_dim,
         config["z_dim"],
@@ -78,7 +89,7 @@ def build_wake_sleep(
         num_particles=config["num_particles"],
         num_sleep_particles=config["num_sleep_particles"],
         phi_objective=config["phi_objective"],
-        max_plate_nesting=1,
+        max_plate_nesting=getattr(net, "max_plate_nesting", 1),
         jit=bool(config.get("jit", False)),
     )
 

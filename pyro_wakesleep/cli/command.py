@@ -11,7 +11,7 @@ import contextlib
 import math
 import sys
 import warnings
-from typing import Any, Dict, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -19,7 +19,7 @@ from .. import CheckpointError
 from ..datasets import DatasetError
 from .config import CONFIG_KEYS, RESUME_OPTIONS
 from .errors import CommandError
-from .evaluation import evaluate, nonfinite_message
+from .evaluation import evaluate, evaluation_line, nonfinite_message
 from .parser import build_parser, given_options
 from .runs import CONFIG, RunFolderError
 from .training import train
@@ -28,18 +28,6 @@ from .training import train
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings on one line each, as the command's errors are."""
     print(f"pyro-wakesleep: warning: {' '.join(str(message).split())}", file=sys.stderr)
-
-
-def _result_line(result: Dict[str, Any]) -> str:
-    if result.get("nonfinite"):
-        return (
-            f"test log-likelihood {result['test_log_likelihood']} nats: not finite for "
-            f"{result['nonfinite']} of {result['count']} test points"
-        )
-    return (
-        f"test log-likelihood {result['test_log_likelihood']:.3f} nats"
-        f" (± {result['test_stderr']:.3f})"
-    )
 
 
 def _train_command(
@@ -67,7 +55,7 @@ def _train_command(
         }
         result = train(overrides, resume=args.resume, progress=not args.no_progress)
     else:
-        if args.data_path is not None and args.dataset in ("digits", "bars"):
+        if args.data_path is not None and args.dataset in ("digits", "bars", "multi-digits"):
             warnings.warn(
                 f"--data-path ignored: --dataset {args.dataset} reads no file",
                 UserWarning,
@@ -81,9 +69,7 @@ def _train_command(
             )
         config = {key: getattr(args, key) for key in CONFIG_KEYS}
         result = train(config, progress=not args.no_progress, overwrite=args.overwrite)
-    line = _result_line(result)
-    if not math.isnan(result["kl_bits"]):
-        line += f", KL[data || model] {result['kl_bits']:.3f} bits"
+    line = evaluation_line(result, exact=not math.isnan(result["kl_bits"]))
     print(
         f"{line}; {result['steps']} steps in {result['seconds']:.0f} s "
         f"({result['train_seconds']:.0f} s training without evaluations, "
@@ -107,7 +93,7 @@ def _evaluate_command(args: argparse.Namespace) -> None:
             f"KL[data || model] {result['kl_bits']:.4f} bits"
         )
     else:
-        line = f"{_result_line(result)} with {args.num_samples} samples"
+        line = evaluation_line(result, exact=False, samples=args.num_samples)
     print(line + (f"; saved in {result['file']}" if result["file"] else ""))
     if nonfinite_message(result):
         raise CommandError(nonfinite_message(result))

@@ -15,9 +15,9 @@ import torch
 
 from ..objectives import PhiObjective
 from .errors import CommandError
-from .tasks import TASKS
+from .registry import TASKS
 
-MODELS = ("helmholtz", "gaussian")
+MODELS = ("helmholtz", "gaussian", "air")
 DATASETS = tuple(TASKS)
 OPTIMIZERS = ("adam", "sgd", "clippedadam")
 #: Seeds are those NumPy accepts (Pyro's set_rng_seed seeds NumPy too).
@@ -176,6 +176,17 @@ def check_config(config: Any, source: str) -> Dict[str, Any]:
             "particle's self-normalized weight is 1: zero expected gradient); use "
             "--num-particles 5, or --phi-objective sleep"
         )
+    if config["model"] == "air":
+        if task.x_dim != 784:
+            raise fail(
+                f"--model air draws digits on 28x28 canvases; --dataset {config['dataset']} "
+                "is not of 28x28 images (use multi-digits, digits or an MNIST)"
+            )
+        if len(config["hidden"]) != 1:
+            raise fail(
+                f"--model air takes one --hidden size (the width of its networks), got "
+                f"{len(config['hidden'])}: {config['hidden']}"
+            )
     if config["candidates"] > 1 and not config["selection_steps"]:
         raise fail("--candidates above 1 needs --selection-steps, such as 800,2500")
     if config["init"] == "sparse" and config["model"] != "helmholtz":
@@ -188,8 +199,8 @@ def check_config(config: Any, source: str) -> Dict[str, Any]:
 def apply_defaults(config: Dict[str, Any]) -> Dict[str, Any]:
     """
     Fill in the entries a new run's options left unset (``None``): the data source's recipe
-    (:attr:`Task.recipe <pyro_wakesleep.cli.tasks.Task.recipe>`), the model's hidden sizes,
-    ten evaluations a run; the data path made absolute.
+    (:attr:`Task.recipe <pyro_wakesleep.cli.tasks.Task.recipe>`, the model included), the
+    model's hidden sizes and latent dimension, ten evaluations a run; the data path made absolute.
 
     :param config: the options, changed in place.
     :returns: ``config``.
@@ -199,7 +210,9 @@ def apply_defaults(config: Dict[str, Any]) -> Dict[str, Any]:
             config[key] = value
     config.setdefault("lr_final", 0.01)
     if config["hidden"] is None:
-        config["hidden"] = [] if config["model"] == "helmholtz" else [200]
+        config["hidden"] = {"helmholtz": [], "air": [128]}.get(config["model"], [200])
+    if config["z_dim"] is None:
+        config["z_dim"] = 10 if config["model"] == "air" else 20
     if config["eval_every"] is None:
         config["eval_every"] = max(1, config["epochs"] // 10)
     if config["data_path"] is not None:

@@ -16,9 +16,10 @@ import pyro
 
 from .build import build_model, build_wake_sleep, resolve_device
 from .optimizers import lr_schedule
+from .registry import load_task
 from .runs import CHECKPOINT, evaluation_file, write_json
 from .state import read_run
-from .tasks import Task, load_task
+from .tasks import Task
 
 
 def nonfinite_message(result: Dict[str, Any]) -> str:
@@ -30,6 +31,29 @@ def nonfinite_message(result: Dict[str, Any]) -> str:
         "log-likelihood estimate (-inf or NaN): the model's parameters give them probability 0 "
         "or are not numbers (a diverged run?)"
     )
+
+
+def evaluation_line(result: Dict[str, Any], exact: bool, samples: Optional[int] = None) -> str:
+    """An evaluation in one line: the test log-likelihood and its standard error (or what is
+    not finite), with how many ``samples`` when given, KL[data || model] when ``exact``, and
+    the count accuracy when measured."""
+    if result.get("nonfinite"):
+        line = (
+            f"test log-likelihood {result['test_log_likelihood']} nats: not finite for "
+            f"{result['nonfinite']} of {result['count']} test points"
+        )
+    else:
+        line = (
+            f"test log-likelihood {result['test_log_likelihood']:.3f} nats"
+            f" (± {result['test_stderr']:.3f})"
+        )
+    if samples is not None:
+        line += f" with {samples} samples"
+    if exact and not math.isnan(result["kl_bits"]):
+        line += f", KL[data || model] {result['kl_bits']:.3f} bits"
+    if "count_accuracy" in result:
+        line += f", count accuracy {result['count_accuracy']:.3f}"
+    return line
 
 
 def _finite(value: float) -> Optional[float]:
@@ -51,8 +75,11 @@ def evaluation_record(
     (bars only), each ``null`` when not finite; whether it is ``exact`` (bars), the importance
     samples per test point (``null`` when exact), the count of test points, the
     ``--test-size`` (``null``: the whole test set), the count of non-finite estimates, and the
-    checkpoint's step and epoch.
+    checkpoint's step and epoch; and ``count_accuracy`` when the evaluation measured it.
     """
+    extra = {}
+    if "count_accuracy" in result:
+        extra["count_accuracy"] = _finite(result["count_accuracy"])
     return {
         "test_log_likelihood": _finite(result["test_log_likelihood"]),
         "test_stderr": _finite(result["test_stderr"]),
@@ -64,6 +91,7 @@ def evaluation_record(
         "nonfinite": result["nonfinite"],
         "step": step,
         "epoch": epoch,
+        **extra,
     }
 
 

@@ -30,8 +30,9 @@ def image_grid(images: torch.Tensor, columns: int) -> torch.Tensor:
 def write_figures(folder: Path, net: Any, task: Task, metrics: List[Dict[str, Any]]) -> None:
     """
     Write the learning curves (the losses, and the test log-likelihood or, for an exact task,
-    KL[data || model]), a grid of fantasies, and data beside their reconstructions, as PNG
-    files (:data:`~pyro_wakesleep.cli.runs.FIGURES`) in ``folder``, atomically.
+    KL[data || model], and the count accuracy when the evaluations measured it), a grid of
+    fantasies, and data beside their reconstructions, as PNG files
+    (:data:`~pyro_wakesleep.cli.runs.FIGURES`) in ``folder``, atomically.
 
     :param folder: the run folder.
     :param net: the trained network.
@@ -43,7 +44,8 @@ def write_figures(folder: Path, net: Any, task: Task, metrics: List[Dict[str, An
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    counted = [m for m in metrics if m.get("count_accuracy") not in (None, "")]
+    fig, axes = plt.subplots(1, 3 if counted else 2, figsize=(15 if counted else 10, 3.5))
     steps = [m["step"] for m in metrics]
     for key, label in (("wake_theta", "wake-theta loss"), ("phi", "phi loss")):
         values = [float(m[key]) for m in metrics]
@@ -62,6 +64,11 @@ def write_figures(folder: Path, net: Any, task: Task, metrics: List[Dict[str, An
     if key == "kl_bits":
         axes[1].axhline(0.10, color="gray", linestyle="--", label="Hinton et al. 1995")
         axes[1].legend()
+    if counted:
+        axes[2].plot([m["step"] for m in counted], [float(m["count_accuracy"]) for m in counted])
+        axes[2].set_xlabel("step")
+        axes[2].set_ylabel("count accuracy (one guide draw)")
+        axes[2].set_ylim(0, 1)
     fig.tight_layout()
     write_figure(folder / FIGURES[0], fig)
     plt.close(fig)

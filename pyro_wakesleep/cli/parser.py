@@ -75,9 +75,11 @@ def _add_train_options(train: argparse.ArgumentParser) -> Dict[str, str]:
         model,
         "--model",
         choices=MODELS,
-        default="helmholtz",
+        default=None,
         help="helmholtz: a sigmoid belief net with its recognition net (HelmholtzMachine); "
-        "gaussian: Gaussian latents (GaussianHelmholtz) (default helmholtz)",
+        "gaussian: Gaussian latents (GaussianHelmholtz); air: Attend-Infer-Repeat, a random "
+        "number of digits placed by a spatial transformer (MultiDigitAIR, 28x28 images) "
+        "(default air for multi-digits, helmholtz otherwise)",
     )
     add(
         model,
@@ -93,14 +95,16 @@ def _add_train_options(train: argparse.ArgumentParser) -> Dict[str, str]:
         nargs="*",
         default=None,
         help="deterministic hidden layer sizes inside each conditional "
-        "(helmholtz) or of the networks (gaussian; default 200)",
+        "(helmholtz) or of the networks (gaussian; default 200); air: one size, the width of "
+        "all its networks (default 128)",
     )
     add(
         model,
         "--z-dim",
         type=positive_int,
-        default=20,
-        help="latent dimension of the gaussian model",
+        default=None,
+        help="latent dimension of the gaussian model (default 20), or of each object's "
+        "appearance z_what in the air model (default 10)",
     )
     add(
         model,
@@ -118,6 +122,7 @@ def _add_train_options(train: argparse.ArgumentParser) -> Dict[str, str]:
         default="digits",
         choices=DATASETS,
         help="digits: the shipped digits; bars: the bars problem, with its own recipe; "
+        "multi-digits: canvases of 0-2 shrunk digits, with the air recipe (K=5, wake-phi); "
         "binarized-mnist and mnist-dynamic: read from --data-path (default digits)",
     )
     add(

@@ -22,8 +22,9 @@ from .runs import CHECKPOINT, CONFIG, run_files
 EVALUATION_FIELDS = ["test_log_likelihood", "test_stderr", "kl_bits"]
 #: The columns of ``metrics.csv``, one row per epoch: ``seconds`` since the start, evaluations
 #: and checkpoints included; ``train_seconds`` the same without evaluations and checkpoints;
-#: ``steps_per_s`` the epoch's own training rate. The last two came later: the rows of a run
-#: saved before them lack them.
+#: ``steps_per_s`` the epoch's own training rate; ``count_accuracy`` (multi-digits with
+#: ``--model air`` only) how often the guide counts the digits right. The last three came
+#: later: the rows of a run saved before them lack them.
 METRIC_FIELDS = [
     "step",
     "epoch",
@@ -33,6 +34,7 @@ METRIC_FIELDS = [
     *EVALUATION_FIELDS,
     "train_seconds",
     "steps_per_s",
+    "count_accuracy",
 ]
 #: The version of the run state that a run's checkpoint holds under ``extra["run"]``.
 RUN_STATE_VERSION = 1

@@ -1,12 +1,15 @@
 """
 The data sources the command trains on, one task object each: the shipped digits, binarized
-MNIST, dynamically binarized MNIST and the bars problem.
+MNIST, dynamically binarized MNIST and the bars problem (multi-digit canvases in
+:mod:`~pyro_wakesleep.cli.multi_digits`; all of them by name in
+:mod:`~pyro_wakesleep.cli.registry`).
 
 A task knows its data dimension and recipe (the defaults of the options left unset); once
-loaded (:func:`load_task`) it draws the training batches, evaluates a network on its test data
-(by importance sampling, or exactly for bars), gives the held-in data that ranks candidates,
-the probe batch that checks a checkpoint against the model, and the data the figures show.
-The training loop (:mod:`pyro_wakesleep.cli.training`) only calls these.
+loaded (:func:`~pyro_wakesleep.cli.registry.load_task`) it draws the training batches,
+evaluates a network on its test data (by importance sampling, or exactly for bars), gives the
+held-in data that ranks candidates, the probe batch that checks a checkpoint against the
+model, and the data the figures show. The training loop (:mod:`pyro_wakesleep.cli.training`)
+only calls these.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Type
+from typing import Any, Dict, List
 
 import pyro
 import torch
@@ -66,6 +69,7 @@ class Task:
     exact = False
     #: The values of the options left unset.
     recipe: Dict[str, Any] = {
+        "model": "helmholtz",
         "layers": [784, 200],
         "lr": 1e-3,
         "guide_lr": None,
@@ -283,6 +287,7 @@ class BarsTask(Task):
     x_dim = 16
     exact = True
     recipe = {
+        "model": "helmholtz",
         "layers": [16, 8, 1],
         "lr": 0.1,
         "guide_lr": 0.3,
@@ -344,21 +349,3 @@ class BarsTask(Task):
             "nonfinite": int((~torch.isfinite(log_p)).sum()),
             "count": len(log_p),
         }
-
-
-#: The tasks by ``--dataset`` name.
-TASKS: Dict[str, Type[Task]] = {
-    task.name: task for task in (DigitsTask, BarsTask, BinarizedMnistTask, DynamicMnistTask)
-}
-
-
-def load_task(config: Dict[str, Any], device: torch.device) -> Task:
-    """
-    The task of ``config["dataset"]``, its data loaded.
-
-    :param config: the run's configuration.
-    :param device: where the data go.
-    :raises CommandError: ``--data-path`` names nothing.
-    :raises DatasetError: the data file is malformed.
-    """
-    return TASKS[config["dataset"]](config, device)

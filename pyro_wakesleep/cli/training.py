@@ -24,9 +24,10 @@ from ..datasets import DatasetError
 from .build import build_model, build_wake_sleep, resolve_device, shrink_weights
 from .config import apply_defaults, check_config
 from .errors import CommandError, Interrupted
-from .evaluation import evaluation_record, nonfinite_message
+from .evaluation import evaluation_line, evaluation_record, nonfinite_message
 from .figures import write_figures
 from .optimizers import add_scheduler_states, lr_schedule, step_schedules
+from .registry import load_task
 from .runs import (
     CHECKPOINT,
     CONFIG,
@@ -41,7 +42,7 @@ from .runs import (
 )
 from .selection import select_candidate
 from .state import EVALUATION_FIELDS, METRIC_FIELDS, SavedRun, jsonable, read_run, run_state
-from .tasks import Task, load_task
+from .tasks import Task
 
 
 def train(
@@ -216,11 +217,9 @@ def _train(
                             f"epoch {epoch + 1}: {nonfinite_message(evaluation)}", stacklevel=2
                         )
                     row.update({k: f"{evaluation[k]:.4f}" for k in EVALUATION_FIELDS})
-                    bar.write(
-                        f"epoch {epoch + 1}: test log-likelihood "
-                        f"{evaluation['test_log_likelihood']:.3f}"
-                        + (f", KL {evaluation['kl_bits']:.3f} bits" if task.exact else "")
-                    )
+                    if "count_accuracy" in evaluation:
+                        row["count_accuracy"] = f"{evaluation['count_accuracy']:.4f}"
+                    bar.write(f"epoch {epoch + 1}: {evaluation_line(evaluation, task.exact)}")
                 with _uninterrupted():
                     metrics.append(row)
                     state = run_state(
