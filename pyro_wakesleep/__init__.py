@@ -19,6 +19,7 @@ from .fantasies import FantasyError, draw_fantasy, fantasy_observations, guide_a
 from .loss import WakeSleepLoss, WakeSleepPhases
 from .module import WakeSleepModule
 from .objectives import PhiObjective
+from .vimco import VIMCO
 from .wake_sleep import WakeSleep, WakeSleepLosses
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __all__ = [
     "FantasyError",
     "NonFiniteLossError",
     "PhiObjective",
+    "VIMCO",
     "WakeSleep",
     "WakeSleepLoss",
     "WakeSleepLosses",
