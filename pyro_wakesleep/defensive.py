@@ -18,7 +18,7 @@ and from the guide otherwise, and the importance weights are taken against the m
 Both wake objectives use these weights: wake-theta is :math:`-\log \frac1K \sum_k w_k`, and
 wake-phi keeps its form :math:`-\sum_k \bar w_k \log q_\phi(z_k \mid x)` with :math:`\bar w`
 the self-normalized mixture weights (held fixed), so particles from the prior that land where
-:math:`q_\phi` has little mass pull the guide there (Le et al. 2019, section 4). Since
+:math:`q_\phi` has little mass pull the guide there (Le et al. 2019). Since
 :math:`r \ge d\, p_\theta(z)`, every weight is at most :math:`p_\theta(x \mid z) / d`
 (Hesterberg 1995): no particle's weight can explode, and :math:`\frac1K \sum_k w_k` is an
 unbiased estimate of :math:`p_\theta(x)` even where the guide has no mass at all on part of
@@ -32,9 +32,9 @@ point of the batch: particle :math:`k` of data point :math:`i` is drawn from
 otherwise, which is the mixture :math:`r(z_i \mid x_i)` for that data point alone. Each data
 point's estimate is therefore unbiased, as above; the estimates of two data points are
 correlated through the shared indicators (the same particles are prior draws for both), which
-changes the variance of their sum, not its mean. A shared indicator keeps one particle one
-program run, so that the particles stay vectorized and a step can still be recorded
-(``jit=True``).
+changes the variance of their sum, not its mean. The choice is made once per particle because
+a particle is one run of the programs (one trace, global latents included, and one at a time
+possibly of its own structure), which one component must produce as a whole.
 
 **Drawing.** Vectorized particles are drawn at once: the guide's particles, then the model's
 prior particles (its latents from the prior, its observed sites conditioned on the data, and
@@ -42,8 +42,11 @@ any subsample the guide drew), then the indicator picks, particle by particle, w
 latent site takes; the guide and the model are then replayed on the picked values, which
 scores every particle under both programs. One at a time (stochastic control flow), each
 particle is either the guide's draw with the model replayed on it, or the model's prior draw
-with the guide and the model replayed on it. A guide with auxiliary sites (an autoguide's
-unconstrained draws) cannot score a prior particle and is refused.
+with the guide and the model replayed on it. Vectorized, the guide and the model each run
+twice (a draw, then the replay): about twice the cost of the wake phase without the option.
+The vectorized indicators are tensors, so such a step can be recorded (``jit=True``); one at a
+time, each indicator is read into Python, and the step runs eagerly. A guide with auxiliary
+sites (an autoguide's unconstrained draws) cannot score a prior particle and is refused.
 
 References
 
