@@ -36,6 +36,7 @@ from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
 
 from . import checks, objectives, ownership, particles, traces
+from .defensive import check_defensive, log_proposal
 from .fantasies import FantasyArgsFn, takes_observations
 from .objectives import PhiObjective
 from .ownership import ParameterOwners
@@ -91,6 +92,9 @@ class WakeSleepLoss(ELBO):
         one only; later ones check the support of every observed value, but do not re-check
         the arguments of each distribution nor the samples the model and guide drew
         themselves (which lie in their support by construction).
+    :param float defensive: :math:`d \in [0, 1)`: draw each wake particle from the model's
+        prior with probability :math:`d` (defensive importance sampling, needs ``K > 1``; see
+        :mod:`pyro_wakesleep.defensive`). ``0`` draws every particle from the guide.
     """
 
     def __init__(
@@ -102,8 +106,10 @@ class WakeSleepLoss(ELBO):
         max_plate_nesting: Optional[int] = None,
         fantasy_args: Optional[FantasyArgsFn] = None,
         full_validation: bool = False,
+        defensive: float = 0.0,
     ) -> None:
         checks.check_count("num_particles", num_particles, 1)
+        self.defensive = check_defensive(defensive, num_particles)
         checks.check_count("num_sleep_particles", num_sleep_particles, 1)
         if max_plate_nesting is not None:
             try:
@@ -257,6 +263,7 @@ class WakeSleepLoss(ELBO):
                     vectorize=self.vectorize_particles,
                     nesting=nesting,
                     guide_grad=grad_phi or graphs,
+                    defensive=self.defensive,
                 )
                 if self.num_particles > 1 and not vectorized:
                     self.vectorize_particles = False  # a fallback: stay sequential
@@ -271,12 +278,12 @@ class WakeSleepLoss(ELBO):
                             a.wake, objectives.classic_wake_phi_loss(guide_traces[0])
                         )
                 else:
-                    weights = objectives.log_weights(
-                        model_traces, guide_traces, self.max_plate_nesting, vectorized
-                    )
-                    wake_theta = objectives.wake_theta_loss(weights)
+                    found = (model_traces, guide_traces, self.max_plate_nesting, vectorized)
+                    weights = objectives.log_weights(*found)
+                    log_r = log_proposal(weights, self.defensive, *found)
+                    wake_theta = objectives.wake_theta_loss(weights, log_r)
                     if grad_phi:
-                        phi = objectives.weighted(a.wake, objectives.wake_phi_loss(weights))
+                        phi = objectives.weighted(a.wake, objectives.wake_phi_loss(weights, log_r))
                 for t in model_traces:
                     theta.update(traces.params(t))
                 for t in guide_traces:

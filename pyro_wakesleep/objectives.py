@@ -246,22 +246,32 @@ def _present(log_p: Optional[torch.Tensor]) -> torch.Tensor:
     return log_p
 
 
-def wake_theta_loss(weights: LogWeights) -> torch.Tensor:
+def wake_theta_loss(
+    weights: LogWeights, log_proposal: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """
     :math:`-\\sum_i s \\log \\frac1K \\sum_k w_{ik}` with the guide's densities held fixed.
+
+    :param log_proposal: the log-density of the proposal the particles came from, where it is
+        not the guide (:mod:`pyro_wakesleep.defensive`), held fixed too.
     """
     num_particles = weights.log_p.shape[0]
-    log_w = weights.log_p - weights.log_q.detach()
+    log_r = weights.log_q if log_proposal is None else log_proposal
+    log_w = weights.log_p - log_r.detach()
     bound = torch.logsumexp(log_w, dim=0) - math.log(num_particles)
     return -(weights.scale * bound).sum()
 
 
-def wake_phi_loss(weights: LogWeights) -> torch.Tensor:
+def wake_phi_loss(weights: LogWeights, log_proposal: Optional[torch.Tensor] = None) -> torch.Tensor:
     """
     :math:`-\\sum_i s \\sum_k \\bar w_{ik} \\log q_\\phi(z_{ik} \\mid x_i)` with the
     self-normalized weights held fixed.
+
+    :param log_proposal: as for :func:`wake_theta_loss`: the weights are
+        :math:`p_\\theta(x, z_k) / r(z_k \\mid x)`, the guide's density is still the one fitted.
     """
-    log_w = (weights.log_p - weights.log_q).detach()
+    log_r = weights.log_q if log_proposal is None else log_proposal
+    log_w = (weights.log_p - log_r).detach()
     normalized = torch.softmax(log_w, dim=0)
     return -(weights.scale * (normalized * weights.log_q).sum(0)).sum()
 

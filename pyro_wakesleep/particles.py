@@ -16,6 +16,7 @@ from pyro import poutine
 from pyro.poutine import Trace
 
 from . import checks, objectives, traces
+from .defensive import draw as defensive_draw
 from .fantasies import FantasyArgsFn, draw_fantasy, guide_arguments
 
 #: ``nesting(with_guide)``: the programs' ``max_plate_nesting`` (of the model alone when
@@ -45,12 +46,15 @@ def wake_traces(
     vectorize: bool,
     nesting: NestingFn,
     guide_grad: bool,
+    defensive: float = 0.0,
 ) -> Tuple[List[Trace], List[Trace], bool]:
     """
     The guide's traces of the real data and the model's traces replayed on them, one pair per
     particle, or one pair holding every particle along a plate left of the programs' own.
 
     :param guide_grad: trace the guide's density with a gradient (its samples detached).
+    :param defensive: the probability that a particle is drawn from the model's prior instead
+        (defensive sampling, :mod:`pyro_wakesleep.defensive`).
     :returns: ``(model_traces, guide_traces, vectorized)``. ``vectorized`` is false when the
         particles were asked vectorized but the programs read a sampled value into Python:
         they were then drawn one at a time, from the random state the call started with,
@@ -70,9 +74,21 @@ def wake_traces(
     for _ in range(1 if vectorized else K):
         rng = torch.get_rng_state()
         try:
-            model_trace, guide_trace = traces.guide_then_model(
-                wrapped_model, wrapped_guide, args, kwargs, guide_grad=guide_grad
-            )
+            if defensive:
+                plate = (K, dim) if vectorized else None
+                model_trace, guide_trace = defensive_draw(
+                    model,
+                    guide,
+                    args,
+                    kwargs,
+                    defensive=defensive,
+                    particles=plate,
+                    guide_grad=guide_grad,
+                )
+            else:
+                model_trace, guide_trace = traces.guide_then_model(
+                    wrapped_model, wrapped_guide, args, kwargs, guide_grad=guide_grad
+                )
         except Exception as error:
             if not (vectorized and reads_values(error)):
                 raise
@@ -94,6 +110,7 @@ def wake_traces(
                 vectorize=False,
                 nesting=nesting,
                 guide_grad=guide_grad,
+                defensive=defensive,
             )
         checks.check_sites(model_trace, guide_trace, "wake")
         model_traces.append(model_trace)

@@ -66,8 +66,9 @@ class WakeSleep:
     :param num_particles: :math:`K` (1: classic wake-sleep; more: reweighted wake-sleep),
         and likewise ``num_sleep_particles``, ``phi_objective`` (``"sleep"``, ``"wake"`` or a
         float :math:`a \in [0, 1]` mixing them), ``vectorize_particles``, ``max_plate_nesting``,
-        ``fantasy_args`` and ``full_validation``: the estimator's options, which build
-        :attr:`loss`; see :class:`~pyro_wakesleep.WakeSleepLoss`.
+        ``fantasy_args``, ``full_validation`` and ``defensive`` (a wake proposal mixing in the
+        prior): the estimator's options, which build :attr:`loss`; see
+        :class:`~pyro_wakesleep.WakeSleepLoss`.
     :param bool skip_nonfinite: when a step's loss or gradient is NaN or infinite (or the data
         hold NaN), skip the step - no parameter or optimizer state changes - count it in
         :attr:`num_skipped_steps`, warn, and return NaN losses, instead of raising
@@ -112,6 +113,7 @@ class WakeSleep:
         full_validation: bool = False,
         jit: bool = False,
         loss: Optional[WakeSleepLoss] = None,
+        defensive: float = 0.0,
     ) -> None:
         for name, opt in (("optim", optim), ("guide_optim", guide_optim)):
             if opt is not None and not isinstance(opt, PyroOptim):
@@ -120,8 +122,8 @@ class WakeSleep:
                     f"1e-3}}), got {type(opt).__name__}"
                 )
         options = (num_particles, num_sleep_particles, phi_objective, vectorize_particles,
-                   max_plate_nesting, fantasy_args, full_validation)  # fmt: skip
-        if loss is not None and options != (1, 1, "sleep", True, None, None, False):
+                   max_plate_nesting, fantasy_args, full_validation, defensive)  # fmt: skip
+        if loss is not None and options != (1, 1, "sleep", True, None, None, False, 0.0):
             raise ValueError("Give the estimator's options to WakeSleepLoss, not beside loss=.")
         #: The objective: ``loss``, or a :class:`WakeSleepLoss` of the estimator's options.
         self.loss = WakeSleepLoss(*options) if loss is None else loss
@@ -143,6 +145,7 @@ class WakeSleep:
     num_particles = property(lambda self: self.loss.num_particles)
     num_sleep_particles = property(lambda self: self.loss.num_sleep_particles)
     phi_objective = property(lambda self: self.loss.phi_objective)
+    defensive = property(lambda self: self.loss.defensive)
     max_plate_nesting = property(lambda self: self.loss.max_plate_nesting)
 
     # ------------------------------------------------------------------ public API
