@@ -316,9 +316,18 @@ class MemoisedWakeSleepLoss(WakeSleepLoss):
         with dist_util.validation_enabled(validating and not trim):
             if wake or (sleep and a.uses_wake):
                 grad_phi = sleep and a.uses_wake
-                wake_theta, memory_phi, model_trace, guide_trace = self.memoise(
-                    model, guide, args, kwargs, nesting(True), grad_phi or graphs
-                )
+                try:
+                    wake_theta, memory_phi, model_trace, guide_trace = self.memoise(
+                        model, guide, args, kwargs, nesting(True), grad_phi or graphs
+                    )
+                except Exception as error:
+                    if not particles.reads_values(error):
+                        raise
+                    raise ValueError(
+                        "MemoisedWakeSleepLoss scores the candidates at once, along a particle "
+                        "plate: the model and guide must not read sampled values into Python "
+                        f"(stochastic control flow: {checks.brief(error)})."
+                    ) from error
                 if trim:
                     support += checks.observed_support(model_trace)
                 all_traces += [model_trace, guide_trace]

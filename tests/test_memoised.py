@@ -242,6 +242,16 @@ def test_svi_takes_the_memory_step_and_the_misuses_are_named():
     ws = WakeSleep(model, guide, None, loss=MemoisedWakeSleepLoss(2, plate="points"))
     with pytest.raises(ValueError, match=r"no pyro.plate\('points'\)"):
         ws.differentiable_loss(x, torch.arange(N))
+
+    def branching(x, idx):
+        with pyro.plate("data", N, subsample=idx):
+            z = pyro.sample("z", dist.Bernoulli(0.3).expand([L]).to_event(1))
+            loc = z @ W if z[0, 0] > 0 else torch.zeros(D)  # reads a sample into Python
+            pyro.sample("x", dist.Normal(loc, 0.7).to_event(1), obs=x)
+
+    ws = WakeSleep(branching, guide, None, loss=MemoisedWakeSleepLoss(2, 3))
+    with pytest.raises(ValueError, match="must not read sampled values into Python"):
+        ws.differentiable_loss(x, torch.arange(N))
     with pytest.raises(ValueError, match="memory_size must be an integer >= 1"):
         MemoisedWakeSleepLoss(0)
     with pytest.raises(ValueError, match="entries, for memory_size=3"):
