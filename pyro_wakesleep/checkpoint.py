@@ -4,7 +4,9 @@ Checkpoints of a :class:`~pyro_wakesleep.WakeSleep` run: the checkpoint layer be
 :class:`PendingLoad` that a load without arguments leaves for the next step).
 
 A checkpoint holds Pyro's parameter store, the states of both optimizers, the step counts,
-the random number generator states (torch, CUDA, Python, NumPy) and any plain data the caller
+the random number generator states (torch, CUDA, Python, NumPy), the loss's own state when it
+has one (``loss.state_dict()``: the memory of
+:class:`~pyro_wakesleep.memoised.MemoisedWakeSleepLoss`) and any plain data the caller
 adds (``extra``: an epoch count, a data-order generator, a configuration), so that a resumed run
 draws the same samples as an uninterrupted one.
 
@@ -59,7 +61,7 @@ def read(path: PathLike) -> Dict[str, Any]:
     Read and check a checkpoint file, without running anything it names.
 
     :returns: the checkpoint: ``params``, ``optim``, ``guide_optim``, ``num_steps``,
-        ``num_skipped_steps``, ``rng`` and ``extra``; constraints decoded, parameters as
+        ``num_skipped_steps``, ``rng``, ``extra`` and ``loss``; constraints decoded, parameters as
         tensors that require gradients.
     :raises CheckpointError: naming the file and what is wrong with it.
     """
@@ -156,6 +158,9 @@ def _checked(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
     extra = checkpoint.get("extra", {})
     if not isinstance(extra, dict):
         raise TypeError("extra must be a dict")
+    loss = checkpoint.get("loss", {})
+    if not isinstance(loss, dict):
+        raise TypeError("loss must be a dict (the loss's state)")
     return {
         "params": values,
         "constraints": {name: decode_constraint(spec) for name, spec in specs.items()},
@@ -165,6 +170,7 @@ def _checked(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
         "num_skipped_steps": _count(checkpoint["num_skipped_steps"], "num_skipped_steps"),
         "rng": rng,
         "extra": extra,
+        "loss": loss,
     }
 
 
@@ -174,10 +180,11 @@ def state(
     num_steps: int,
     num_skipped_steps: int,
     extra: Optional[Dict[str, Any]] = None,
+    loss_state: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """
     The checkpoint of the current parameter store and generators with the given optimizer
-    states and counts, as plain data.
+    states and counts (and the loss's own state, if any), as plain data.
 
     :raises TypeError: naming the entry that is not plain data (a constraint defined outside
         Pyro, an optimizer holding Python objects, an ``extra`` value).
@@ -194,6 +201,8 @@ def state(
     check_plain(optim_state, "the optimizer state")
     check_plain(guide_optim_state, "the guide optimizer state")
     check_plain(extra, "extra")
+    check_plain(loss_state, "the loss state")
+    loss = {"loss": loss_state} if loss_state else {}  # absent for a loss without a state
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -204,6 +213,7 @@ def state(
         "num_skipped_steps": num_skipped_steps,
         "rng": rng_state(),
         "extra": extra,
+        **loss,
     }
 
 
@@ -217,7 +227,10 @@ def save(ws: Any, path: PathLike, extra: Optional[Dict[str, Any]] = None) -> Non
     guide_state = (
         None if ws.guide_optim is ws.optim or ws.guide_optim is None else ws.guide_optim.get_state()
     )
-    atomic_save(state(optim_state, guide_state, ws.num_steps, ws.num_skipped_steps, extra), path)
+    loss = getattr(ws.loss, "state_dict", None)
+    loss_state = None if loss is None else loss()
+    counts = (ws.num_steps, ws.num_skipped_steps)
+    atomic_save(state(optim_state, guide_state, *counts, extra, loss_state), path)
 
 
 class PendingLoad:
@@ -302,9 +315,21 @@ def load(
             return ws.loss.probe(ws.model, ws.guide, args, kwargs, handler)
 
         registered = _registered(probe, path, loaded, loaded_constraints)
+    # The loss's state (a memory) is checked and taken as a whole, or not at all.
+    load_loss = getattr(ws.loss, "load_state_dict", None)
+    if load_loss is not None:
+        previous = ws.loss.state_dict()
+        try:
+            load_loss(checkpoint["loss"])
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"{path}: the loss's state does not fit: {error}") from error
+    elif checkpoint["loss"]:
+        raise CheckpointError(f"{path}: holds a loss state, which {type(ws.loss).__name__} has not")
     try:
         set_rng_state(checkpoint["rng"])
     except ValueError as error:
+        if load_loss is not None:
+            load_loss(previous)
         raise CheckpointError(f"{path}: {error}") from error
     # Optimizers already made for these parameters would keep their own state: drop them, so
     # that the loaded states are taken up at the next update.

@@ -84,7 +84,10 @@ class WakeSleep:
         ELBOs (a program that reads a sampled value into Python runs eagerly, with a warning),
         that change with nothing but their arguments and Pyro's parameter store.
     :param loss: a :class:`~pyro_wakesleep.WakeSleepLoss` in place of the estimator's options
-        (as :class:`~pyro.infer.SVI` takes one).
+        (as :class:`~pyro.infer.SVI` takes one), or a subclass such as
+        :class:`~pyro_wakesleep.memoised.MemoisedWakeSleepLoss`: a loss with a ``commit()``
+        method (a state of its own) has it called after each successful update, and its
+        ``state_dict()`` is saved with the checkpoint.
 
     A step computes both phases from the current parameters, checks that every loss and
     gradient is finite, and only then updates: a step that raises leaves the parameter store
@@ -131,6 +134,8 @@ class WakeSleep:
         self.optim = optim
         self.guide_optim = guide_optim if guide_optim is not None else optim
         self.skip_nonfinite = bool(skip_nonfinite)
+        if jit and not getattr(self.loss, "recordable", True):
+            raise ValueError(f"jit=True cannot record a {type(self.loss).__name__}'s step.")
         #: The step recorder (``jit=True``), else ``None``.
         self.recorder = StepRecorder(self.loss) if jit else None
         #: The process-group sync (``distributed=True``), else ``None``.
@@ -212,6 +217,7 @@ class WakeSleep:
         phases = self._engine().phases(self.model, self.guide, args, kwargs, trim=trim)
         checks.check_support(phases.support)
         self.loss.validated = True
+        _commit(self.loss)
         return phases.total
 
     def save(
@@ -337,6 +343,7 @@ class WakeSleep:
             for p in theta + phi:
                 p.grad = None
             self.num_steps += 1
+            _commit(self.loss)
         return phases
 
     def _engine(self) -> Union[StepRecorder, WakeSleepLoss]:
@@ -359,6 +366,14 @@ class WakeSleep:
         sites = self.loss.nonfinite_sites(self.model, self.guide, args, kwargs)
         inputs = checks.nonfinite_inputs(args, kwargs)
         return checks.nonfinite_message(self.num_steps, problems, sites, inputs)
+
+
+def _commit(loss: WakeSleepLoss) -> None:
+    """Let a loss with a state of its own (a memory) take up the step's, after a successful
+    step."""
+    commit = getattr(loss, "commit", None)
+    if commit is not None:
+        commit()
 
 
 def _item(loss: Optional[torch.Tensor]) -> float:
