@@ -17,6 +17,7 @@ from .evaluate import (
 )
 from .fantasies import FantasyError, draw_fantasy, fantasy_observations, guide_arguments
 from .loss import WakeSleepLoss, WakeSleepPhases
+from .memoised import MemoisedWakeSleepLoss
 from .module import WakeSleepModule
 from .objectives import PhiObjective
 from .vimco import VIMCO
@@ -34,6 +35,7 @@ __all__ = [
     "CheckpointError",
     "FantasyError",
     "NonFiniteLossError",
+    "MemoisedWakeSleepLoss",
     "PhiObjective",
     "VIMCO",
     "WakeSleep",

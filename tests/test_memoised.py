@@ -17,7 +17,7 @@ from pyro.distributions import constraints
 from pyro.infer import SVI
 
 from pyro_wakesleep import CheckpointError, NonFiniteLossError, WakeSleep, WakeSleepLoss
-from pyro_wakesleep.memoised import MemoisedWakeSleepLoss
+from pyro_wakesleep import MemoisedWakeSleepLoss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
