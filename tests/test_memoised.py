@@ -16,8 +16,13 @@ from conftest import assert_store_equal, store_snapshot
 from pyro.distributions import constraints
 from pyro.infer import SVI
 
-from pyro_wakesleep import CheckpointError, NonFiniteLossError, WakeSleep, WakeSleepLoss
-from pyro_wakesleep import MemoisedWakeSleepLoss
+from pyro_wakesleep import (
+    CheckpointError,
+    MemoisedWakeSleepLoss,
+    NonFiniteLossError,
+    WakeSleep,
+    WakeSleepLoss,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

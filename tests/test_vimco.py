@@ -20,9 +20,9 @@ import torch
 from conftest import InjectSamples
 from pyro.infer import SVI
 
+from pyro_wakesleep import VIMCO
 from pyro_wakesleep.datasets import Bars
 from pyro_wakesleep.models import HelmholtzMachine
-from pyro_wakesleep import VIMCO
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
