@@ -29,9 +29,9 @@ the process (about 2 s on the first step) falls on none of them. The estimators:
   batch's row ids (``step(x[ids], idx=ids)``, the ids being the rows' positions in the training
   set), which the plate ``"data"`` carries to the memory; its sites are then scaled by
   ``50000 / 100``, a constant factor of every gradient that Adam's steps do not see (its
-  ``eps`` aside). The memory holds the latents as the guide's samples come, float32: 50,000 x 5 x 200
-  units x 4 bytes = 200 MB for the SBN 784-200 (600 MB for 784-200-200-200), plus 1 MB of
-  scores; it is allocated at the first step, inside the timed run;
+  ``eps`` aside). The memory holds the latents as the guide samples them, float32: 50,000 x 5
+  x 200 units x 4 bytes = 200 MB for the SBN 784-200 (600 MB for 784-200-200-200), plus 1 MB
+  of scores; it is allocated at the first step, inside the timed run;
 - ``pyro-rws5``: ``SVI`` with Pyro's ``ReweightedWakeSleep(num_particles=5, insomnia=0.5)``;
 - ``vimco5``: ``SVI`` with ``pyro_wakesleep.VIMCO(num_particles=5)`` (Mnih & Rezende 2016: the
   5-sample importance-weighted bound, score-function gradients with leave-one-out baselines);
