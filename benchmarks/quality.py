@@ -1,6 +1,8 @@
 """
 Test log-likelihood on binarized MNIST against training wall-clock time, for wake-sleep, a
-wake-sleep/RWS mix, Pyro's ReweightedWakeSleep and SVI, all on the same sigmoid belief net.
+wake-sleep/RWS mix (plain and with a defensive wake proposal), memoised wake-sleep, Pyro's
+ReweightedWakeSleep, SVI with VIMCO and SVI with TraceGraph_ELBO, all on the same sigmoid
+belief net.
 
     python benchmarks/quality.py [--layers 784,200] [--budget-seconds 300 | --epochs 10]
         [--estimators wakesleep-classic,pyro-rws5] [--threads 2] [--quick]
@@ -17,7 +19,22 @@ the process (about 2 s on the first step) falls on none of them. The estimators:
   mixed equally);
 - ``wakesleep-classic-jit``, ``wakesleep-rws5-jit``: the same with ``jit=True`` (the step
   recorded once and replayed: the same computation, less time per step);
+- ``wakesleep-rws5-defensive``: ``wakesleep-rws5`` with ``defensive=0.2``: each wake particle
+  drawn from the model's prior with probability 0.2 and from the guide otherwise, weighted
+  against that mixture (``pyro_wakesleep.defensive``; the wake phase runs the programs twice);
+- ``memoised``: ``WakeSleep`` with ``MemoisedWakeSleepLoss(memory_size=5, num_particles=5)``
+  (Hewitt et al. 2020; ``phi_objective=0.5``, its default): a memory of the 5 best latent
+  values of each of the 50,000 training rows, the model trained on the memory, the guide on the
+  memory and on fantasies. The network is built with ``num_data=50000`` and stepped with the
+  batch's row ids (``step(x[ids], idx=ids)``, the ids being the rows' positions in the training
+  set), which the plate ``"data"`` carries to the memory; its sites are then scaled by
+  ``50000 / 100``, a constant factor of every gradient that Adam's steps do not see (its
+  ``eps`` aside). The memory holds the latents as the guide samples them, float32: 50,000 x 5
+  x 200 units x 4 bytes = 200 MB for the SBN 784-200 (600 MB for 784-200-200-200), plus 1 MB
+  of scores; it is allocated at the first step, inside the timed run;
 - ``pyro-rws5``: ``SVI`` with Pyro's ``ReweightedWakeSleep(num_particles=5, insomnia=0.5)``;
+- ``vimco5``: ``SVI`` with ``pyro_wakesleep.VIMCO(num_particles=5)`` (Mnih & Rezende 2016: the
+  5-sample importance-weighted bound, score-function gradients with leave-one-out baselines);
 - ``svi-tracegraph``: ``SVI`` with ``TraceGraph_ELBO`` (score-function gradients).
 
 At ``--evals`` checkpoints evenly spread over the run the training clock stops and the average
@@ -53,7 +70,13 @@ import pyro
 import torch
 from pyro.infer import SVI, ReweightedWakeSleep, TraceGraph_ELBO
 
-from pyro_wakesleep import NonFiniteLossError, WakeSleep, evaluate_dataset
+from pyro_wakesleep import (
+    VIMCO,
+    MemoisedWakeSleepLoss,
+    NonFiniteLossError,
+    WakeSleep,
+    evaluate_dataset,
+)
 from pyro_wakesleep.datasets import DatasetError, load_binarized_mnist
 from pyro_wakesleep.models import HelmholtzMachine
 
@@ -73,22 +96,36 @@ ESTIMATORS: Dict[str, str] = {
     "wakesleep-rws5": "WakeSleep, K=5, phi_objective=0.5",
     "wakesleep-classic-jit": "WakeSleep, K=1, sleep-phi, jit=True",
     "wakesleep-rws5-jit": "WakeSleep, K=5, phi_objective=0.5, jit=True",
+    "wakesleep-rws5-defensive": "WakeSleep, K=5, phi_objective=0.5, defensive=0.2",
+    "memoised": "WakeSleep + MemoisedWakeSleepLoss(memory_size=5, K=5)",
     "pyro-rws5": "SVI + pyro.infer.ReweightedWakeSleep(K=5, insomnia=0.5)",
+    "vimco5": "SVI + pyro_wakesleep.VIMCO(K=5)",
     "svi-tracegraph": "SVI + pyro.infer.TraceGraph_ELBO",
 }
 
+#: The width of the estimators' names in the printed tables.
+NAME_WIDTH = max(len(name) for name in ESTIMATORS)
 
-def build(estimator: str, net: HelmholtzMachine, lr: float) -> Callable[[torch.Tensor], Any]:
-    """The training step of ``estimator`` on the networks of ``net``, with a fresh Adam."""
+#: A training step: the batch's rows and their ids (positions in the training set).
+Step = Callable[[torch.Tensor, torch.Tensor], Any]
+
+
+def build(estimator: str, net: HelmholtzMachine, lr: float) -> Step:
+    """
+    The training step of ``estimator`` on the networks of ``net``, with a fresh Adam: called
+    with a batch and its rows' ids, which only ``memoised`` reads (``net`` must then have been
+    built with ``num_data``).
+    """
     optim = pyro.optim.Adam({"lr": lr})
     nesting = net.max_plate_nesting
     jit = estimator.endswith("-jit")
+    step: Callable[[torch.Tensor], Any]
     if estimator in ("wakesleep-classic", "wakesleep-classic-jit"):
-        return WakeSleep(
+        step = WakeSleep(
             net.model, net.guide, optim, num_particles=1, max_plate_nesting=nesting, jit=jit
         ).step
-    if estimator in ("wakesleep-rws5", "wakesleep-rws5-jit"):
-        return WakeSleep(
+    elif estimator in ("wakesleep-rws5", "wakesleep-rws5-jit", "wakesleep-rws5-defensive"):
+        step = WakeSleep(
             net.model,
             net.guide,
             optim,
@@ -96,15 +133,33 @@ def build(estimator: str, net: HelmholtzMachine, lr: float) -> Callable[[torch.T
             phi_objective=0.5,
             max_plate_nesting=nesting,
             jit=jit,
+            defensive=0.2 if estimator.endswith("-defensive") else 0.0,
         ).step
-    if estimator == "pyro-rws5":
+    elif estimator == "memoised":
+        if net.num_data is None:
+            raise ValueError("memoised needs a network built with num_data")
+        memoised = WakeSleep(
+            net.model,
+            net.guide,
+            optim,
+            loss=MemoisedWakeSleepLoss(
+                memory_size=5, num_particles=5, num_data=net.num_data, max_plate_nesting=nesting
+            ),
+        )
+        return lambda x, ids: memoised.step(x, idx=ids)
+    elif estimator == "pyro-rws5":
         loss = ReweightedWakeSleep(
             num_particles=5, insomnia=0.5, max_plate_nesting=nesting, vectorize_particles=True
         )
-        return SVI(net.model, net.guide, optim, loss).step
-    if estimator == "svi-tracegraph":
-        return SVI(net.model, net.guide, optim, TraceGraph_ELBO(max_plate_nesting=nesting)).step
-    raise ValueError(f"unknown estimator {estimator!r}; choose from {', '.join(ESTIMATORS)}")
+        step = SVI(net.model, net.guide, optim, loss).step
+    elif estimator == "vimco5":
+        vimco = VIMCO(num_particles=5, max_plate_nesting=nesting)
+        step = SVI(net.model, net.guide, optim, vimco).step
+    elif estimator == "svi-tracegraph":
+        step = SVI(net.model, net.guide, optim, TraceGraph_ELBO(max_plate_nesting=nesting)).step
+    else:
+        raise ValueError(f"unknown estimator {estimator!r}; choose from {', '.join(ESTIMATORS)}")
+    return lambda x, ids: step(x)
 
 
 def warm_up(estimators: List[str], x: torch.Tensor, args: argparse.Namespace) -> None:
@@ -112,12 +167,14 @@ def warm_up(estimators: List[str], x: torch.Tensor, args: argparse.Namespace) ->
     A few untimed steps of every estimator on throwaway networks, so that the one-off costs of
     a process (lazy initialization, about 2 s on the first step) fall on none of the timed runs.
     """
+    ids = torch.arange(len(x))
     for estimator in estimators:
         pyro.clear_param_store()
-        net = HelmholtzMachine(args.layers, name="quality_warmup_" + estimator.replace("-", "_"))
+        name = "quality_warmup_" + estimator.replace("-", "_")
+        net = HelmholtzMachine(args.layers, name=name, num_data=len(x))
         step = build(estimator, net, args.lr)
         for _ in range(WARMUP_STEPS):
-            step(x)
+            step(x, ids)
     pyro.clear_param_store()
 
 
@@ -162,7 +219,9 @@ def train(
     """
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
-    net = HelmholtzMachine(args.layers, name="quality_" + estimator.replace("-", "_"))
+    # num_data changes nothing for the estimators that are not given the ids
+    name = "quality_" + estimator.replace("-", "_")
+    net = HelmholtzMachine(args.layers, name=name, num_data=len(train_x))
     step = build(estimator, net, args.lr)
     batches_per_epoch = math.ceil(len(train_x) / args.batch_size)
     # checkpoints: training seconds in budget mode, steps in epoch mode
@@ -187,9 +246,9 @@ def train(
             if position >= len(order):
                 order = torch.randperm(len(train_x), generator=generator)
                 position = 0
-            x = train_x[order[position : position + args.batch_size]]
+            ids = order[position : position + args.batch_size]  # the rows' true ids
             position += args.batch_size
-            step(x)
+            step(train_x[ids], ids)
         except (NonFiniteLossError, ValueError, RuntimeError) as error:
             record["error"] = f"step {steps}: {type(error).__name__}: {error}"
             print(f"  {estimator}: {record['error']}", file=sys.stderr)
@@ -211,7 +270,7 @@ def train(
         }
         record["points"].append(point)
         print(
-            f"  {estimator:18s} {point['train_seconds']:8.1f} s {steps:7d} steps "
+            f"  {estimator:{NAME_WIDTH}s} {point['train_seconds']:8.1f} s {steps:7d} steps "
             f"{point['epochs']:7.2f} epochs  test LL {point['test_ll']:9.2f} "
             f"+- {point['test_ll_stderr']:.2f}  ({samples} samples, "
             f"eval {point['eval_seconds']:.1f} s)",
@@ -366,21 +425,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     results = [train(estimator, train_x, test, args) for estimator in args.estimators]
 
     print(
-        f"\n{'estimator':18s} {'train s':>8s} {'steps':>7s} {'epochs':>7s} "
+        f"\n{'estimator':{NAME_WIDTH}s} {'train s':>8s} {'steps':>7s} {'epochs':>7s} "
         f"{'test LL':>9s} {'stderr':>7s} {'samples':>7s}"
     )
     for record in results:
         if record["points"]:
             p = record["points"][-1]
             print(
-                f"{record['estimator']:18s} {p['train_seconds']:8.1f} {p['steps']:7d} "
+                f"{record['estimator']:{NAME_WIDTH}s} {p['train_seconds']:8.1f} {p['steps']:7d} "
                 f"{p['epochs']:7.2f} {p['test_ll']:9.2f} {p['test_ll_stderr']:7.3f} "
                 f"{p['num_samples']:7d}"
             )
         if "error" in record:
-            print(f"{record['estimator']:18s} failed: {record['error']}")
+            print(f"{record['estimator']:{NAME_WIDTH}s} failed: {record['error']}")
     if args.layers == PUBLISHED_LAYERS:
-        print(f"{'published':18s} {PUBLISHED_LABEL}: {-PUBLISHED_NLL}")
+        print(f"{'published':{NAME_WIDTH}s} {PUBLISHED_LABEL}: {-PUBLISHED_NLL}")
 
     meta = {
         "torch": torch.__version__,

@@ -3,12 +3,15 @@ The benchmark scripts run and write what they promise (smoke tests in their quic
 timing is asserted).
 """
 
+import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "binarized_mnist.npz"
@@ -47,3 +50,72 @@ def test_quality_quick_writes_table_json_and_plot(tmp_path):
         last = result["points"][-1]
         assert last["steps"] > 0 and last["test_ll"] < 0 and last["test_ll_stderr"] > 0
     assert (tmp_path / "quality.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="../shared/data/binarized_mnist.npz not present")
+def test_quality_quick_runs_the_new_contenders(tmp_path):
+    new = ["vimco5", "memoised", "wakesleep-rws5-defensive"]
+    command = [sys.executable, str(BENCHMARKS / "quality.py"), "--quick", "--threads", "1"]
+    command += ["--estimators", ",".join(new), "--out", str(tmp_path)]
+    subprocess.run(command, check=True, timeout=300)
+    report = json.loads((tmp_path / "quality.json").read_text())
+    assert [r["estimator"] for r in report["results"]] == new
+    for result in report["results"]:
+        assert "error" not in result
+        last = result["points"][-1]
+        assert last["steps"] > 0 and last["test_ll"] < 0 and last["test_ll_stderr"] > 0
+
+
+def load_quality():
+    spec = importlib.util.spec_from_file_location("quality", BENCHMARKS / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_memoised_steps_with_the_rows_true_ids(monkeypatch):
+    """train() hands each step the batch with its rows' positions in the training set, and the
+    memoised contender keeps its memory by them: filled for the rows trained on, empty for the
+    others (a tiny net, half an epoch of a 10-row training set; no timing)."""
+    quality = load_quality()
+    calls, losses = [], []
+    real_build, real_loss = quality.build, quality.MemoisedWakeSleepLoss
+
+    def build(estimator, net, lr):
+        step = real_build(estimator, net, lr)
+
+        def recording(x, ids):
+            calls.append((x.clone(), ids.clone()))
+            return step(x, ids)
+
+        return recording
+
+    def loss(*args, **kwargs):
+        losses.append(real_loss(*args, **kwargs))
+        return losses[-1]
+
+    monkeypatch.setattr(quality, "build", build)
+    monkeypatch.setattr(quality, "MemoisedWakeSleepLoss", loss)
+    args = quality.parse_args(
+        ["--layers", "16,4", "--epochs", "0.5", "--evals", "1", "--batch-size", "4"]
+        + ["--num-samples", "5", "--eval-samples-during", "5"]
+    )
+    generator = torch.Generator().manual_seed(0)
+    train_x = (torch.rand(10, 16, generator=generator) < 0.3).float()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        record = quality.train("memoised", train_x, train_x[:3], args)
+    finally:
+        torch.set_num_threads(threads)
+    assert "error" not in record and record["points"][-1]["steps"] == 2
+    assert len(calls) == 2 and len(losses) == 1
+    for x, ids in calls:
+        assert torch.equal(x, train_x[ids])
+    seen = torch.cat([ids for _, ids in calls])
+    assert len(seen.unique()) == 8
+    scores = losses[0].state_dict()["scores"]
+    assert scores.shape == (10, 5)
+    filled = torch.isfinite(scores[:, 0])
+    assert sorted(filled.nonzero().flatten().tolist()) == sorted(seen.tolist())
+    assert (scores[~filled] == -math.inf).all()

@@ -15,11 +15,29 @@ Each is an :class:`~torch.nn.Module` (a :class:`ModelGuidePair`) with Pyro metho
 * :class:`BernoulliUnits`: ``Bernoulli(logits=...).to_event(1)`` with a leaner ``log_prob``,
   the binary units of the first two.
 
+The first three also take a keyword ``idx``, the ids of a mini-batch's rows, when the
+constructor was given ``num_data``, the data set's size :math:`N`:
+``model(x[idx], idx=idx)`` and ``guide(x[idx], idx=idx)`` run the plate ``"data"`` as
+``pyro.plate("data", num_data, subsample=idx)``, scaled by :math:`N / B` as any subsampled
+plate, and estimators that keep a state per data point
+(:class:`~pyro_wakesleep.MemoisedWakeSleepLoss`) read the ids from it. Without ``idx`` the
+plate has the batch's size and no scale.
+
 >>> import pyro
 >>> from pyro_wakesleep import WakeSleep
 >>> from pyro_wakesleep.models import HelmholtzMachine
 >>> hm = HelmholtzMachine([16, 8, 1])
 >>> ws = WakeSleep(hm.model, hm.guide, pyro.optim.Adam({"lr": 1e-2}))
+
+On mini-batches of a data set of ``N`` rows, with memoised wake-sleep::
+
+    from pyro_wakesleep import MemoisedWakeSleepLoss
+
+    hm = HelmholtzMachine([16, 8, 1], num_data=N)
+    ws = WakeSleep(hm.model, hm.guide, pyro.optim.Adam({"lr": 1e-2}),
+                   loss=MemoisedWakeSleepLoss(memory_size=5, num_particles=5))
+    for idx in torch.randperm(N).split(100):
+        ws.step(x[idx], idx=idx)
 """
 
 from .air import AIRLatents, MultiDigitAIR

@@ -6,7 +6,7 @@ conditionals; and :class:`BernoulliUnits`, their binary units.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Union, cast
+from typing import Any, Dict, Mapping, Optional, Sequence, Union, cast
 
 import pyro
 import pyro.distributions as dist
@@ -15,6 +15,7 @@ from pyro import poutine
 from torch import nn
 from torch.nn import functional
 
+from .. import checks
 from ..traces import guide_then_model
 
 Hidden = Union[int, Sequence[int]]
@@ -89,6 +90,28 @@ class ModelGuidePair(nn.Module):
     guide reads ``observations["x"]`` when given (the sleep phase of
     :class:`~pyro_wakesleep.WakeSleep` and of Pyro's ``ReweightedWakeSleep``), which may carry
     extra leading particle dimensions.
+
+    **Mini-batches with data-point ids.** :class:`~pyro_wakesleep.models.HelmholtzMachine`,
+    :class:`~pyro_wakesleep.models.GaussianHelmholtz` and
+    :class:`~pyro_wakesleep.models.GaussianMixture` also take a keyword ``idx``, the ids in
+    :math:`[0, N)` of the batch's rows, with ``num_data`` (:math:`N`, the data set's size)
+    given to the constructor: the plate is then
+    ``pyro.plate("data", num_data, subsample=idx, dim=-1)``, so that every site is scaled by
+    :math:`N / B` for a batch of :math:`B` rows, as for any subsampled plate, and estimators
+    that keep a state per data point (memoised wake-sleep,
+    :class:`~pyro_wakesleep.memoised.MemoisedWakeSleepLoss`) read the ids from it::
+
+        hm = HelmholtzMachine([784, 200], num_data=len(data))
+        ws = WakeSleep(hm.model, hm.guide, pyro.optim.Adam({"lr": 1e-3}),
+                       loss=MemoisedWakeSleepLoss(memory_size=5, num_particles=5))
+        ws.step(data[idx], idx=idx)
+
+    ``idx`` is a keyword (the second positional argument is ``observations``). Without it the
+    plate has the batch's size and no scale, whatever ``num_data`` is.
+
+    :param x_dim: the data dimension.
+    :param name: the prefix of the parameter names in Pyro's parameter store.
+    :param num_data: :math:`N`, the size of the plate ``"data"`` when ``idx`` is given.
     """
 
     #: The number of plates the model and guide use (the plate ``"data"``).
@@ -98,12 +121,17 @@ class ModelGuidePair(nn.Module):
     #: The guide's parameters :math:`\\phi` (set by subclasses).
     recognition: nn.Module
 
-    def __init__(self, x_dim: int, name: str) -> None:
+    def __init__(self, x_dim: int, name: str, num_data: Optional[int] = None) -> None:
         super().__init__()
         if "$$$" in name:
             raise ValueError(f"name must not contain '$$$', got {name!r}")
+        if num_data is not None:
+            checks.check_count("num_data", num_data, 1)
         self.x_dim = int(x_dim)
         self.name = name
+        #: :math:`N`, the data set's size: the size of the plate ``"data"`` when the model and
+        #: guide are given the batch's ids ``idx``; ``None`` when not set.
+        self.num_data = num_data
 
     # Subclasses define self.generative, self.recognition, model and guide.
     def model(
@@ -133,10 +161,40 @@ class ModelGuidePair(nn.Module):
         x: Optional[torch.Tensor], observations: Optional[Dict[str, torch.Tensor]]
     ) -> torch.Tensor:
         if observations is not None:
+            if not isinstance(observations, Mapping):
+                raise TypeError(
+                    "observations must be a dict {'x': data}, got "
+                    f"{type(observations).__name__}; pass the batch's data-point ids as the "
+                    "keyword idx=, not as the second positional argument"
+                )
             return observations["x"]
         if x is None:
             raise ValueError("pass the data x, or observations={'x': x}")
         return x
+
+    def _plate(self, x: torch.Tensor, idx: Optional[torch.Tensor]) -> pyro.plate:
+        """
+        The plate ``"data"`` of a batch ``x`` (``(..., B, x_dim)``): of size ``B`` without
+        ``idx``; with the batch's data-point ids ``idx``, of size :attr:`num_data` subsampled at
+        ``idx`` (scale :math:`N / B`).
+
+        :raises ValueError: for ``idx`` without :attr:`num_data`, or not one id per row.
+        """
+        batch = x.shape[-2]
+        if idx is None:
+            return pyro.plate("data", batch, dim=-1)
+        if self.num_data is None:
+            raise ValueError(
+                "idx (the batch's data-point ids) needs num_data (the data set's size N): "
+                f"build the model with num_data=N, e.g. {type(self).__name__}(..., num_data=N)"
+            )
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.shape[0] != batch:
+            shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise ValueError(
+                f"idx must be a 1-D tensor of one data-point id per row of the batch: the batch "
+                f"has {batch} rows, idx has shape {shape}"
+            )
+        return pyro.plate("data", self.num_data, subsample=idx, dim=-1)
 
     def _like(self) -> torch.Tensor:
         return next(self.generative.parameters())

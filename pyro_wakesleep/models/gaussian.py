@@ -44,12 +44,21 @@ class GaussianHelmholtz(ModelGuidePair):
     :param z_dim: the latent dimension :math:`d_z`.
     :param hidden: the hidden layer size(s) of the decoder and of the encoder (tanh).
     :param name: the prefix of the parameter names in Pyro's parameter store.
+    :param num_data: :math:`N`, the data set's size, for ``model(x, idx=ids)`` and
+        ``guide(x, idx=ids)`` on mini-batches with data-point ids (see
+        :class:`~pyro_wakesleep.models.ModelGuidePair`); not needed without ``idx``.
     """
 
     def __init__(
-        self, x_dim: int, z_dim: int, hidden: Hidden = 200, *, name: str = "gaussian_helmholtz"
+        self,
+        x_dim: int,
+        z_dim: int,
+        hidden: Hidden = 200,
+        *,
+        name: str = "gaussian_helmholtz",
+        num_data: Optional[int] = None,
     ) -> None:
-        super().__init__(x_dim, name)
+        super().__init__(x_dim, name, num_data)
         self.z_dim = int(z_dim)
         self.generative = mlp(self.z_dim, self.x_dim, hidden)
         self.recognition = mlp(self.x_dim, 2 * self.z_dim, hidden)
@@ -58,6 +67,8 @@ class GaussianHelmholtz(ModelGuidePair):
         self,
         x: Optional[torch.Tensor] = None,
         observations: Optional[Dict[str, torch.Tensor]] = None,
+        *,
+        idx: Optional[torch.Tensor] = None,
     ) -> None:
         """
         The generative model
@@ -65,12 +76,14 @@ class GaussianHelmholtz(ModelGuidePair):
 
         :param x: binary data of shape ``(N, x_dim)`` (float).
         :param observations: ``{"x": data}``, used instead of ``x`` when given.
+        :param idx: the ids in ``[0, num_data)`` of the batch's rows (keyword): the plate is
+            then ``pyro.plate("data", num_data, subsample=idx)``, scaled by ``num_data / B``.
         """
         x = self._data(x, observations)
         self._register_generative()
         ref = self._like()
         loc = torch.zeros(self.z_dim, dtype=ref.dtype, device=ref.device)
-        with pyro.plate("data", x.shape[-2], dim=-1):
+        with self._plate(x, idx):
             z = pyro.sample("z", dist.Normal(loc, torch.ones_like(loc)).to_event(1))
             pyro.sample("x", BernoulliUnits(self.generative(z)), obs=x)
 
@@ -84,6 +97,8 @@ class GaussianHelmholtz(ModelGuidePair):
         self,
         x: Optional[torch.Tensor] = None,
         observations: Optional[Dict[str, torch.Tensor]] = None,
+        *,
+        idx: Optional[torch.Tensor] = None,
     ) -> None:
         """
         The recognition model :math:`q_\\phi(z \\mid x)`.
@@ -91,9 +106,11 @@ class GaussianHelmholtz(ModelGuidePair):
         :param x: binary data of shape ``(N, x_dim)``.
         :param observations: ``{"x": fantasy}`` from a sleep phase, used instead of ``x``; it
             may carry leading particle dimensions.
+        :param idx: the ids in ``[0, num_data)`` of the batch's rows (keyword): the plate is
+            then ``pyro.plate("data", num_data, subsample=idx)``, scaled by ``num_data / B``.
         """
         x = self._data(x, observations)
         self._register_recognition()
         loc, scale = self.encode(x)
-        with pyro.plate("data", x.shape[-2], dim=-1):
+        with self._plate(x, idx):
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))

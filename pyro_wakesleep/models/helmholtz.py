@@ -79,13 +79,21 @@ class HelmholtzMachine(ModelGuidePair):
     :param hidden: sizes of deterministic tanh hidden layers inside every map
         :math:`f_l, g_l` (empty: affine maps, the classic Helmholtz machine).
     :param name: the prefix of the parameter names in Pyro's parameter store.
+    :param num_data: :math:`N`, the data set's size, for ``model(x, idx=ids)`` and
+        ``guide(x, idx=ids)`` on mini-batches with data-point ids (see
+        :class:`~pyro_wakesleep.models.ModelGuidePair`); not needed without ``idx``.
     """
 
     generative: _SigmoidBeliefNet
     recognition: nn.ModuleList
 
     def __init__(
-        self, layer_sizes: Sequence[int], hidden: Hidden = (), *, name: str = "helmholtz"
+        self,
+        layer_sizes: Sequence[int],
+        hidden: Hidden = (),
+        *,
+        name: str = "helmholtz",
+        num_data: Optional[int] = None,
     ) -> None:
         sizes = [int(s) for s in layer_sizes]
         if len(sizes) < 2 or any(s < 1 for s in sizes):
@@ -93,7 +101,7 @@ class HelmholtzMachine(ModelGuidePair):
                 "layer_sizes must hold the data dimension and at least one latent layer size, "
                 f"all positive, got {list(layer_sizes)!r}"
             )
-        super().__init__(sizes[0], name)
+        super().__init__(sizes[0], name, num_data)
         self.layer_sizes = tuple(sizes)
         self.num_layers = len(sizes) - 1
         self.generative = _SigmoidBeliefNet(sizes, hidden)
@@ -128,17 +136,21 @@ class HelmholtzMachine(ModelGuidePair):
         self,
         x: Optional[torch.Tensor] = None,
         observations: Optional[Dict[str, torch.Tensor]] = None,
+        *,
+        idx: Optional[torch.Tensor] = None,
     ) -> None:
         """
         The generative model :math:`p_\\theta(x, z_1, \\dots, z_L)`.
 
         :param x: binary data of shape ``(N, D)`` (float).
         :param observations: ``{"x": data}``, used instead of ``x`` when given.
+        :param idx: the ids in ``[0, num_data)`` of the batch's rows (keyword): the plate is
+            then ``pyro.plate("data", num_data, subsample=idx)``, scaled by ``num_data / B``.
         """
         x = self._data(x, observations)
         self._register_generative()
         gen = self.generative
-        with pyro.plate("data", x.shape[-2], dim=-1):
+        with self._plate(x, idx):
             z = pyro.sample(f"z{self.num_layers}", BernoulliUnits(gen.prior_logits))
             for layer in range(self.num_layers - 1, 0, -1):
                 logits = gen.top_down[layer](z)
@@ -149,6 +161,8 @@ class HelmholtzMachine(ModelGuidePair):
         self,
         x: Optional[torch.Tensor] = None,
         observations: Optional[Dict[str, torch.Tensor]] = None,
+        *,
+        idx: Optional[torch.Tensor] = None,
     ) -> None:
         """
         The recognition model :math:`q_\\phi(z_1, \\dots, z_L \\mid x)`, bottom-up.
@@ -156,9 +170,11 @@ class HelmholtzMachine(ModelGuidePair):
         :param x: binary data of shape ``(N, D)``.
         :param observations: ``{"x": fantasy}`` from a sleep phase, used instead of ``x``; it
             may carry leading particle dimensions.
+        :param idx: the ids in ``[0, num_data)`` of the batch's rows (keyword): the plate is
+            then ``pyro.plate("data", num_data, subsample=idx)``, scaled by ``num_data / B``.
         """
         h = self._data(x, observations)
         self._register_recognition()
-        with pyro.plate("data", h.shape[-2], dim=-1):
+        with self._plate(h, idx):
             for layer, g in enumerate(self.recognition, start=1):
                 h = pyro.sample(f"z{layer}", BernoulliUnits(g(h)))

@@ -65,16 +65,25 @@ class GaussianMixture(ModelGuidePair):
     :param x_dim: the data dimension :math:`D`.
     :param hidden: the hidden layer size(s) of the guide's network (tanh; 0 for affine).
     :param name: the prefix of the parameter names in Pyro's parameter store.
+    :param num_data: :math:`N`, the data set's size, for ``model(x, idx=ids)`` and
+        ``guide(x, idx=ids)`` on mini-batches with data-point ids (see
+        :class:`~pyro_wakesleep.models.ModelGuidePair`); not needed without ``idx``.
     """
 
     generative: _MixtureParameters
 
     def __init__(
-        self, num_components: int, x_dim: int, hidden: Hidden = 32, *, name: str = "mixture"
+        self,
+        num_components: int,
+        x_dim: int,
+        hidden: Hidden = 32,
+        *,
+        name: str = "mixture",
+        num_data: Optional[int] = None,
     ) -> None:
         if num_components < 1:
             raise ValueError(f"num_components must be positive, got {num_components!r}")
-        super().__init__(x_dim, name)
+        super().__init__(x_dim, name, num_data)
         self.num_components = int(num_components)
         self.generative = _MixtureParameters(self.num_components, self.x_dim)
         self.recognition = mlp(self.x_dim, self.num_components, hidden)
@@ -119,6 +128,8 @@ class GaussianMixture(ModelGuidePair):
         self,
         x: Optional[torch.Tensor] = None,
         observations: Optional[Dict[str, torch.Tensor]] = None,
+        *,
+        idx: Optional[torch.Tensor] = None,
     ) -> None:
         """
         The generative model :math:`p_\\theta(x, c) = \\pi_c\\, \\mathcal{N}(x; \\mu_c,
@@ -126,11 +137,13 @@ class GaussianMixture(ModelGuidePair):
 
         :param x: data of shape ``(N, x_dim)``.
         :param observations: ``{"x": data}``, used instead of ``x`` when given.
+        :param idx: the ids in ``[0, num_data)`` of the batch's rows (keyword): the plate is
+            then ``pyro.plate("data", num_data, subsample=idx)``, scaled by ``num_data / B``.
         """
         x = self._data(x, observations)
         self._register_generative()
         gen = self.generative
-        with pyro.plate("data", x.shape[-2], dim=-1):
+        with self._plate(x, idx):
             c = pyro.sample("c", dist.Categorical(logits=gen.logits))
             loc, scale = gen.means[c], gen.log_scales[c].exp()
             pyro.sample("x", dist.Normal(loc, scale).to_event(1), obs=x)
@@ -139,6 +152,8 @@ class GaussianMixture(ModelGuidePair):
         self,
         x: Optional[torch.Tensor] = None,
         observations: Optional[Dict[str, torch.Tensor]] = None,
+        *,
+        idx: Optional[torch.Tensor] = None,
     ) -> None:
         """
         The recognition model :math:`q_\\phi(c \\mid x)`.
@@ -146,8 +161,10 @@ class GaussianMixture(ModelGuidePair):
         :param x: data of shape ``(N, x_dim)``.
         :param observations: ``{"x": fantasy}`` from a sleep phase, used instead of ``x``; it
             may carry leading particle dimensions.
+        :param idx: the ids in ``[0, num_data)`` of the batch's rows (keyword): the plate is
+            then ``pyro.plate("data", num_data, subsample=idx)``, scaled by ``num_data / B``.
         """
         x = self._data(x, observations)
         self._register_recognition()
-        with pyro.plate("data", x.shape[-2], dim=-1):
+        with self._plate(x, idx):
             pyro.sample("c", dist.Categorical(logits=self.recognition(x)))
