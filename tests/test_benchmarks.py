@@ -39,6 +39,26 @@ def test_throughput_quick_writes_rates_ratios_and_memory(tmp_path):
     assert all(mb > 0 for mb in row["peak_memory_mb"].values())
 
 
+def test_scaling_quick_writes_rates_efficiency_and_allreduce_shares(tmp_path):
+    """One and two gloo processes on localhost, both engines, a small net (no timing)."""
+    out = tmp_path / "scaling.json"
+    command = [sys.executable, str(BENCHMARKS / "scaling.py"), "--quick"]
+    command += ["--layers", "784,20", "--batch-size", "8", "--json", str(out)]
+    subprocess.run(command, check=True, timeout=300)
+    report = json.loads(out.read_text())
+    assert report["meta"]["backend"] == "gloo" and report["meta"]["repeats"] == 1
+    assert [(r["engine"], r["K"]) for r in report["results"]] == [("wakesleep", 5), ("ddp", 5)]
+    for row in report["results"]:
+        assert row["efficiency"]["median"] > 0
+        for world in ("1", "2"):
+            stats = row["worlds"][world]
+            assert stats["steps_per_second"]["median"] > 0
+            assert stats["allreduce_share_in_step"]["median"] > 0
+            assert stats["allreduce_share_isolated"]["median"] > 0
+            (ranks,) = stats["per_repeat_per_rank"]
+            assert len(ranks) == int(world)
+
+
 @pytest.mark.skipif(not DATA.exists(), reason="../shared/data/binarized_mnist.npz not present")
 def test_quality_quick_writes_table_json_and_plot(tmp_path):
     """Every kind of contender in one quick run (one process start and data load): classic
