@@ -8,12 +8,14 @@ drift hits all alike.
 
 The contenders: ``wakesleep`` (eager), ``wakesleep_jit`` (``WakeSleep(jit=True)``: the step
 recorded once and replayed), ``handwritten``, ``pyro_rws`` (K > 1) and SVI with Trace_ELBO and
-TraceGraph_ELBO. Each configuration builds one fresh model per contender from the same seed. A
-repeat runs ``--steps`` steps of every contender in turn (after ``--warmup`` steps each); the
-table shows the median steps/s over repeats with the spread (min-max), and the ratios
-WakeSleep / hand-written and WakeSleep / Pyro RWS. The hand-written loop is the floor: the same
-estimator (classic wake-sleep for K = 1; reweighted wake-theta with wake-phi for K = 5) on the
-same networks, in plain PyTorch with one torch.optim.Adam.
+TraceGraph_ELBO (on the stochastic-control-flow model of ``control_flow_model.py``: wakesleep,
+pyro_rws and TraceGraph_ELBO, particles one at a time). Each configuration builds one fresh
+model per contender from the same seed. A repeat runs ``--steps`` steps of every contender in
+turn (after ``--warmup`` steps each); the table shows the median steps/s over repeats with the
+spread (min-max), and the ratios WakeSleep / hand-written, / Pyro RWS (and / TraceGraph_ELBO
+with control flow). The hand-written loop is the floor: the same estimator (classic wake-sleep
+for K = 1; reweighted wake-theta with wake-phi for K = 5) on the same networks, in plain
+PyTorch with one torch.optim.Adam.
 
 Peak memory is the working memory of a step: after the timed repeats, each contender runs
 ``--memory-steps`` more steps while the peak of allocated bytes above the level before them is
@@ -36,6 +38,7 @@ import statistics
 import time
 from typing import Callable, Dict, List, Optional
 
+import control_flow_model
 import pyro
 import torch
 import torch.nn.functional as F
@@ -43,6 +46,7 @@ from pyro.infer import SVI, ReweightedWakeSleep, Trace_ELBO, TraceGraph_ELBO
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyro_wakesleep import WakeSleep
+from pyro_wakesleep.datasets import load_digits
 from pyro_wakesleep.models import GaussianHelmholtz, HelmholtzMachine
 from pyro_wakesleep.models.gaussian import MIN_SCALE
 
@@ -135,6 +139,8 @@ def handwritten_gaussian(net: GaussianHelmholtz, lr: float) -> Callable:
 def contenders(
     config: Dict, seed: int, device: str = "cpu", only: Optional[str] = None
 ) -> Dict[str, Callable]:
+    if config["model"] == "objects":
+        return control_flow_model.contenders(config, seed, device, only)
     K, lr = config["K"], 1e-3
 
     def fresh():
@@ -232,12 +238,13 @@ CONFIGS = [
         "batch": 1000,
         "K": 1,
     },
+    control_flow_model.CONFIG,
 ]
 
 
 def _batch(config: Dict, device: str) -> torch.Tensor:
-    from pyro_wakesleep.datasets import load_digits
-
+    if config["model"] == "objects":
+        return control_flow_model.batch(config, device)
     data = load_digits()["train"]
     reps = math.ceil(config["batch"] / len(data))
     return data.repeat(reps, 1)[: config["batch"]].to(device)
@@ -352,19 +359,18 @@ def main() -> None:
             }
         med = {n: v["median"] for n, v in row["steps_per_second"].items()}
         mem = row.get("peak_memory_mb")
-        for ours in ("wakesleep", "wakesleep_jit"):
+        for ours in [n for n in ("wakesleep", "wakesleep_jit") if n in med]:
             if "handwritten" in med:
                 row[f"{ours}_over_handwritten"] = med[ours] / med["handwritten"]
                 if mem is not None:
                     row[f"memory_{ours}_over_handwritten"] = mem[ours] / mem["handwritten"]
-            if "pyro_rws" in med:
-                row[f"{ours}_over_pyro_rws"] = med[ours] / med["pyro_rws"]
+            for ref in ("pyro_rws", "svi_tracegraph_elbo" if config["model"] == "objects" else ""):
+                if ref in med:
+                    row[f"{ours}_over_{ref}"] = med[ours] / med[ref]
         results.append(row)
         print(f"\n{config['name']}")
         for n, v in row["steps_per_second"].items():
-            memory = (
-                f"   peak {row['peak_memory_mb'][n]:6.2f} MB" if "peak_memory_mb" in row else ""
-            )
+            memory = f"   peak {mem[n]:6.2f} MB" if mem is not None else ""
             print(f"  {n:22s} {v['median']:8.1f} steps/s  ({v['min']:.1f}-{v['max']:.1f}){memory}")
         for key, value in row.items():
             if key.startswith(("wakesleep", "memory_")):

@@ -59,6 +59,20 @@ def test_scaling_quick_writes_rates_efficiency_and_allreduce_shares(tmp_path):
             assert len(ranks) == int(world)
 
 
+def test_throughput_quick_runs_the_control_flow_model(tmp_path):
+    """The geometric-objects configuration (stochastic control flow, particles one at a time):
+    its three contenders and both ratios."""
+    out = tmp_path / "throughput.json"
+    command = [sys.executable, str(BENCHMARKS / "throughput.py"), "--quick", "--threads", "1"]
+    command += ["--configs", "geometric objects", "--no-memory", "--json", str(out)]
+    subprocess.run(command, check=True, timeout=300)
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["config"].startswith("geometric objects")
+    assert set(row["steps_per_second"]) == {"wakesleep", "pyro_rws", "svi_tracegraph_elbo"}
+    assert row["wakesleep_over_pyro_rws"] > 0 and row["wakesleep_over_svi_tracegraph_elbo"] > 0
+    assert "peak_memory_mb" not in row
+
+
 @pytest.mark.skipif(not DATA.exists(), reason="../shared/data/binarized_mnist.npz not present")
 def test_quality_quick_writes_table_json_and_plot(tmp_path):
     """Every kind of contender in one quick run (one process start and data load): classic
