@@ -19,6 +19,12 @@ runs world 1 and world 2 in turn (the order alternating between repeats, so that
 drift hits both alike); the table shows the median over ``--repeats`` with the spread
 (min-max). Scaling efficiency is throughput(2) / (2 throughput(1)), taken per repeat.
 
+A third engine, ``local``, is the ceiling without communication: plain WakeSleep (no
+``distributed``) in the same processes, each training alone on its shard (steps/s still
+between the two barriers, so the slower process sets the time). Its efficiency is what the
+machine allows (cores, caches, memory bandwidth, the per-step cost that does not shrink with
+the shard); the gap between it and the other two is the synchronisation.
+
 The all-reduce's share of a step, measured two ways on every rank (the table shows the mean
 of the ranks, the JSON each rank):
 
@@ -46,6 +52,7 @@ nccl.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import platform
@@ -65,7 +72,7 @@ from pyro_wakesleep import WakeSleep, WakeSleepModule
 from pyro_wakesleep.datasets import load_digits
 from pyro_wakesleep.models import HelmholtzMachine
 
-ENGINES = ("wakesleep", "ddp")
+ENGINES = ("wakesleep", "ddp", "local")
 WORLDS = (1, 2)
 
 
@@ -78,6 +85,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--layers", default="784,200")
     parser.add_argument("--num-particles", default="5,1", help="comma-separated Ks")
     parser.add_argument("--isolated-calls", type=int, default=50)
+    parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated")
     parser.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", default=None)
@@ -86,6 +94,8 @@ def parse(argv=None) -> argparse.Namespace:
     if args.quick:
         args.repeats, args.steps, args.warmup, args.isolated_calls = 1, 3, 1, 3
         args.num_particles = args.num_particles.split(",")[0]
+    if not set(args.engines.split(",")) <= set(ENGINES):
+        parser.error(f"--engines: choose among {', '.join(ENGINES)}")
     if args.batch_size % max(WORLDS):
         parser.error(f"--batch-size must be a multiple of {max(WORLDS)}")
     if (args.backend == "nccl") != (args.device == "cuda"):
@@ -183,6 +193,9 @@ def measure(engine: str, K: int, x: torch.Tensor, args, device, sync) -> Dict[st
     timer = CommTimer(sync)
     if engine == "wakesleep":
         step = wakesleep_step(model, guide, K, phi, timer)
+    elif engine == "local":  # no sync: each process trains alone on its shard
+        kw = dict(num_particles=K, phi_objective=phi, max_plate_nesting=1)
+        step = WakeSleep(model, guide, pyro.optim.Adam({"lr": 1e-3}), **kw).step
     else:
         step = ddp_step(net, model, guide, K, phi, timer, device)
     for _ in range(args.warmup):
@@ -212,13 +225,14 @@ def measure(engine: str, K: int, x: torch.Tensor, args, device, sync) -> Dict[st
     return {
         "steps_per_second": args.steps / elapsed,
         "step_ms": 1e3 * elapsed / args.steps,
-        "allreduce_in_step_ms": 1e3 * statistics.mean(timer.per_step),
+        "allreduce_in_step_ms": 1e3 * statistics.mean(timer.per_step or [0.0]),
         "allreduce_isolated_ms": 1e3 * statistics.median(calls),
         "gradient_numel": flat.numel(),
     }
 
 
 def _worker(rank: int, world: int, port: int, args, out_dir: str) -> None:
+    faulthandler.enable()  # a crash in C++ (gloo) still shows where Python was
     torch.set_num_threads(1)
     try:
         torch.set_num_interop_threads(1)
@@ -247,7 +261,7 @@ def _worker(rank: int, world: int, port: int, args, out_dir: str) -> None:
         record = {
             f"{engine} K={K}": measure(engine, K, x, args, device, sync)
             for K in _ks(args)
-            for engine in ENGINES
+            for engine in args.engines.split(",")
         }
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(record, f)
@@ -333,7 +347,7 @@ def main(argv=None) -> None:
             f"  {'engine':10s} {'world':>5s}  {'batches/s':>20s}  "
             f"{'all-reduce % in step':>22s}  {'isolated %':>20s}"
         )
-        for engine in ENGINES:
+        for engine in args.engines.split(","):
             row = {"engine": engine, "K": K, **summarize(raw, f"{engine} K={K}")}
             results.append(row)
             for world in WORLDS:

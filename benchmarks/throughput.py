@@ -56,6 +56,11 @@ def _log_bernoulli(logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return -F.binary_cross_entropy_with_logits(logits, value, reduction="none").sum(-1)
 
 
+def _draw(probs: torch.Tensor) -> torch.Tensor:
+    """Bernoulli units drawn as the package's BernoulliUnits draws them: uniform < probs."""
+    return torch.rand_like(probs).lt_(probs)
+
+
 def handwritten(net: HelmholtzMachine, num_particles: int, lr: float) -> Callable:
     """The same estimator as WakeSleep, written by hand on the same networks."""
     optim = torch.optim.Adam(net.parameters(), lr=lr)
@@ -75,7 +80,7 @@ def handwritten(net: HelmholtzMachine, num_particles: int, lr: float) -> Callabl
             probs = torch.sigmoid(logits.detach())
             if i == 0 and K > 1:
                 probs = probs.expand((K,) + probs.shape)
-            z = torch.bernoulli(probs)
+            z = _draw(probs)
             if K > 1:
                 log_q = log_q + _log_bernoulli(logits, z)
             zs.append(z)
@@ -85,10 +90,10 @@ def handwritten(net: HelmholtzMachine, num_particles: int, lr: float) -> Callabl
             loss = -lp.sum()
             # sleep: one fantasy per data point, then -log q at it
             with torch.no_grad():
-                z = torch.bernoulli(torch.sigmoid(gen.prior_logits).expand(x.shape[0], -1))
+                z = _draw(torch.sigmoid(gen.prior_logits).expand(x.shape[0], -1))
                 fantasy = [z]
                 for layer in range(net.num_layers - 1, -1, -1):
-                    z = torch.bernoulli(torch.sigmoid(gen.top_down[layer](z)))
+                    z = _draw(torch.sigmoid(gen.top_down[layer](z)))
                     fantasy.insert(0, z)
             h = fantasy[0]
             for i, g in enumerate(rec):
@@ -125,7 +130,7 @@ def handwritten_gaussian(net: GaussianHelmholtz, lr: float) -> Callable:
         # sleep: a fantasy (z, x) from the model; -log q(z | x)
         with torch.no_grad():
             z = torch.randn(n, z_dim, dtype=x.dtype, device=x.device)
-            fantasy = torch.bernoulli(torch.sigmoid(net.generative(z)))
+            fantasy = _draw(torch.sigmoid(net.generative(z)))
         out = net.recognition(fantasy)
         loc, scale = out[..., :z_dim], F.softplus(out[..., z_dim:]) + MIN_SCALE
         loss = loss - log_normal(z, loc, scale).sum()
@@ -143,22 +148,24 @@ def contenders(
         return control_flow_model.contenders(config, seed, device, only)
     K, lr = config["K"], 1e-3
 
-    def fresh():
-        pyro.clear_param_store()
+    def fresh(name: str):
+        # The same initial weights for all (one seed), each under its own name in the
+        # parameter store: contenders that share a name would share one set of parameters.
         torch.manual_seed(seed)
         if config["model"] == "helmholtz":
-            net = HelmholtzMachine(config["layers"], name=f"hm{seed}")
+            net = HelmholtzMachine(config["layers"], name=f"{name}_hm{seed}")
         else:
-            net = GaussianHelmholtz(784, 20, 200, name=f"gh{seed}")
+            net = GaussianHelmholtz(784, 20, 200, name=f"{name}_gh{seed}")
         return net.to(device)
 
+    pyro.clear_param_store()
     runs: Dict[str, Callable] = {}
     nets = {}
 
     def make(name: str, build: Callable) -> None:
         if only is not None and name != only:
             return
-        nets[name] = fresh()
+        nets[name] = fresh(name)
         runs[name] = build(nets[name])
 
     phi = "sleep" if K == 1 else "wake"

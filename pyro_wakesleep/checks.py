@@ -16,6 +16,7 @@ import torch
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.poutine import Trace
 from pyro.util import check_model_guide_match, check_site_shape
+from torch.distributions import constraints
 
 from .objectives import sample_sites, site_log_prob
 from .traces import plate_nesting, tensors_reached
@@ -204,12 +205,37 @@ def observed_support(model_trace: Trace) -> List[SupportCheck]:
         if mask is False:
             continue
         with torch.no_grad():
-            ok = fn.support.check(value)
-            if isinstance(mask, torch.Tensor):
-                ok = ok | ~mask
+            if not isinstance(mask, torch.Tensor) and _is_boolean(fn.support, value):
+                ok = _all_binary(value)
+            else:
+                ok = fn.support.check(value)
+                if isinstance(mask, torch.Tensor):
+                    ok = ok | ~mask
+                ok = ok.all()
             description = f"({fn.support}) of its distribution {type(fn).__name__}"
-            found.append(SupportCheck(site["name"], description, ok.all()))
+            found.append(SupportCheck(site["name"], description, ok))
     return found
+
+
+def _is_boolean(support: constraints.Constraint, value: torch.Tensor) -> bool:
+    """Whether ``support`` is {0, 1} elementwise (Bernoulli data) and ``value`` floating."""
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.boolean and value.is_floating_point()
+
+
+def _all_binary(value: torch.Tensor) -> torch.Tensor:
+    """
+    Whether every entry of a floating ``value`` is 0 or 1, as ``boolean.check(value).all()``
+    says, in two elementwise passes and a sum instead of three passes, two of them comparisons
+    (several times faster on CPU; it matters at large batches).
+
+    In floating point ``v - v * v`` is zero exactly when ``fl(v * v) == v``: for ``v`` in
+    {0, 1}, and for no other finite ``v`` (the square of a float next to 1 rounds to a float
+    farther from 1; any other square is far from ``v``). ``inf`` and NaN give NaN, a sum
+    that is not zero; the absolute values cannot cancel.
+    """
+    return (value - value * value).abs_().sum() == 0
 
 
 def check_support(support: List[SupportCheck]) -> None:

@@ -140,6 +140,39 @@ def _shape_depends_on_values(node: Node) -> bool:
     return True
 
 
+def _simplify(graph: torch.fx.Graph) -> None:
+    """
+    Drop what the recording holds that computes nothing, so that the replay (which calls each
+    operation from Python, a few microseconds apiece) does not pay for it: copies of tensor
+    constants detached in place and never read, and switches of gradient mode that the next
+    switch overrides before any operation. Nothing that autograd records is touched: even a
+    view that changes no value (``expand`` to a tensor's own shape) is a node of the
+    autograd graph, and dropping it would change the order in which the backward pass sums
+    gradients, and so their last bits.
+    """
+    aten = torch.ops.aten
+    set_grad = torch._C._set_grad_enabled
+    previous: Optional[Node] = None
+    for node in list(graph.nodes):
+        target = node.target
+        if target is set_grad:
+            if previous is not None:
+                graph.erase_node(previous)
+            previous = node
+            continue
+        if node.op == "call_function":
+            previous = None  # an operation ran under the last switch
+        if target is aten.detach_.default and not node.users:
+            source = node.args[0]
+            if (
+                isinstance(source, Node)
+                and source.target is aten.lift_fresh_copy.default
+                and len(source.users) == 1
+            ):
+                graph.erase_node(node)
+                graph.erase_node(source)
+
+
 def record(
     fn: Callable[..., Tuple[Tuple[torch.Tensor, ...], Any]], tensors: List[torch.Tensor]
 ) -> Tuple[Tuple[torch.Tensor, ...], Any, GraphModule]:
@@ -170,6 +203,7 @@ def record(
                 f"the output shape of {node.target} depends on tensor values, which a replay "
                 "cannot follow"
             )
+    _simplify(graph.graph)
     try:
         graph.graph.eliminate_dead_code(is_impure_node=_keeps)
     except TypeError:  # an older torch without is_impure_node: keep every node

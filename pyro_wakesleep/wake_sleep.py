@@ -24,6 +24,7 @@ from . import checkpoint, checks
 from .checks import NonFiniteLossError
 from .distributed import ProcessGroupSync
 from .fantasies import FantasyArgsFn
+from .fused import FusedSteps
 from .jit import StepRecorder
 from .loss import WakeSleepLoss, WakeSleepPhases
 from .optimizers import Made, drop_optimizers, make_optimizers
@@ -88,6 +89,11 @@ class WakeSleep:
         :class:`~pyro_wakesleep.memoised.MemoisedWakeSleepLoss`: a loss with a ``commit()``
         method (a state of its own) has it called after each successful update, and its
         ``state_dict()`` is saved with the checkpoint.
+    :param bool fuse_optim: update the parameters of a :class:`~pyro.optim.PyroOptim` of Adam
+        or AdamW with torch's fused kernel, one call for all of them, instead of Pyro's one
+        optimizer step per parameter (:mod:`pyro_wakesleep.fused`): the same update up to
+        floating-point rounding, several times faster on CPU, the optimizer state being
+        Pyro's own. ``False`` steps as :class:`~pyro.infer.SVI` does, bitwise.
 
     A step computes both phases from the current parameters, checks that every loss and
     gradient is finite, and only then updates: a step that raises leaves the parameter store
@@ -117,6 +123,7 @@ class WakeSleep:
         jit: bool = False,
         loss: Optional[WakeSleepLoss] = None,
         defensive: float = 0.0,
+        fuse_optim: bool = True,
     ) -> None:
         for name, opt in (("optim", optim), ("guide_optim", guide_optim)):
             if opt is not None and not isinstance(opt, PyroOptim):
@@ -138,6 +145,8 @@ class WakeSleep:
             raise ValueError(f"jit=True cannot record a {type(self.loss).__name__}'s step.")
         #: The step recorder (``jit=True``), else ``None``.
         self.recorder = StepRecorder(self.loss) if jit else None
+        #: The optimizer-step layer: fused Adam/AdamW updates (``fuse_optim=True``).
+        self.optimizer_steps = FusedSteps(enabled=fuse_optim)
         #: The process-group sync (``distributed=True``), else ``None``.
         self.sync = ProcessGroupSync() if distributed else None
         #: The number of updates taken (failed or skipped steps excluded).
@@ -335,12 +344,17 @@ class WakeSleep:
             return None
         self.loss.validated = True
         if update:
-            theta, phi = list(phases.theta.values()), list(phases.phi_params.values())
-            if wake and theta:
-                self.optim(theta)  # type: ignore[misc]  # not None: an update has an optimizer
-            if sleep and phi:
-                self.guide_optim(phi)  # type: ignore[misc]
-            for p in theta + phi:
+            touched = list(phases.theta.values()) + list(phases.phi_params.values())
+            theta = list(phases.theta.values()) if wake else []
+            phi = list(phases.phi_params.values()) if sleep else []
+            if self.guide_optim is self.optim:
+                # One update of all (each parameter's own, whichever way it is grouped).
+                self.optimizer_steps(self.optim, theta + phi)  # type: ignore[arg-type]
+            else:
+                for optim, params in ((self.optim, theta), (self.guide_optim, phi)):
+                    if params:
+                        self.optimizer_steps(optim, params)  # type: ignore[arg-type]
+            for p in touched:
                 p.grad = None
             self.num_steps += 1
             _commit(self.loss)

@@ -46,7 +46,9 @@ class BernoulliUnits(dist.Independent):
     ``Bernoulli(logits=logits).to_event(1)`` (it is that distribution, a subclass of
     :class:`~pyro.distributions.Independent`), whose ``log_prob`` sums the elementwise
     log-densities before negating them: the same values, one full-size tensor fewer per call
-    (it matters with many particles: a ``(K, N, D)`` tensor per site).
+    (it matters with many particles: a ``(K, N, D)`` tensor per site), and whose ``sample``
+    compares uniform draws with the probabilities, which is several times faster on CPU than
+    ``torch.bernoulli``.
 
     :param logits: the units' logits, the last dimension being the units.
     """
@@ -58,11 +60,33 @@ class BernoulliUnits(dist.Independent):
         new = self._get_checked_instance(BernoulliUnits, _instance)
         return super().expand(batch_shape, _instance=new)
 
+    def sample(self, sample_shape=torch.Size()):  # noqa: ANN001, ANN201, B008 - torch's signature
+        """
+        Draw the units as ``u < sigmoid(logits)`` with ``u`` uniform on :math:`[0, 1)`: the
+        same Bernoulli distribution as ``torch.bernoulli`` draws (:math:`P(u < p) = p`), in
+        about a third of its time on CPU.
+        """
+        shape = self._extended_shape(sample_shape)
+        logits = self.base_dist.logits
+        with torch.no_grad():
+            uniform = torch.rand(shape, dtype=logits.dtype, device=logits.device)
+            return uniform.lt_(torch.sigmoid(_unexpanded(logits)).expand(shape))
+
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
         logits, value = torch.broadcast_tensors(self.base_dist.logits, value)
         return -functional.binary_cross_entropy_with_logits(logits, value, reduction="none").sum(-1)
+
+
+def _unexpanded(t: torch.Tensor) -> torch.Tensor:
+    """The view of ``t`` without its broadcast dimensions (stride 0, as ``expand`` makes
+    them) kept at size 1: the distinct entries of ``t`` once each, so that an elementwise
+    function of an expanded prior's logits is computed once, not once per data point."""
+    if 0 not in t.stride():
+        return t
+    size = [1 if stride == 0 else n for n, stride in zip(t.shape, t.stride())]
+    return t.as_strided(size, t.stride(), t.storage_offset())
 
 
 def _hidden_sizes(hidden: Hidden) -> tuple:
