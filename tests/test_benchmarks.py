@@ -39,6 +39,18 @@ def test_throughput_quick_writes_rates_ratios_and_memory(tmp_path):
     assert all(mb > 0 for mb in row["peak_memory_mb"].values())
 
 
+def test_step_anatomy_quick_writes_every_part_and_the_profile(tmp_path):
+    out = tmp_path / "anatomy.json"
+    command = [sys.executable, str(BENCHMARKS / "step_anatomy.py"), "--quick", "--profile"]
+    command += ["--json", str(out)]
+    subprocess.run(command, check=True, timeout=300)
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["config"] == "helmholtz 784-200, batch 100, K=1"
+    assert len(row["ms_per_step"]) == 7
+    assert all(v["median"] > 0 for v in row["ms_per_step"].values())
+    assert len(row["derived_ms"]) == 5 and row["profile_ms"]["eager step (profiled)"] > 0
+
+
 def test_scaling_quick_writes_rates_efficiency_and_allreduce_shares(tmp_path):
     """One and two gloo processes on localhost, both engines, a small net (no timing)."""
     out = tmp_path / "scaling.json"
