@@ -94,6 +94,21 @@ def test_train_and_evaluate_use_the_same_test_points(tmp_path, monkeypatch, caps
     assert len(digits["test_labels"][chosen].unique()) > 1
 
 
+def test_evaluate_keeps_the_runs_test_points_unless_told(tmp_path, monkeypatch, capsys):
+    """Without --test-size evaluate takes the run's own subset (what its help says); a size
+    of at least the test set's takes all the test points."""
+    calls = spy_on_evaluations(monkeypatch)
+    folder = tmp_path / "run"
+    assert run(["train", "--output", folder, *TINY], capsys)[0] == 0
+    trained = calls[-1][0]
+    digits = load_digits()
+    for extra, expected in (([], trained), (["--test-size", "100000"], digits["test"])):
+        calls.clear()
+        argv = ["evaluate", folder, "--num-samples", "4", "--no-progress", *extra]
+        assert run(argv, capsys)[0] == 0
+        assert torch.equal(torch.cat([data for data, _ in calls]), expected)
+
+
 def test_the_evaluation_by_batches_equals_one_evaluate_dataset_call():
     """The progress bar's batch-by-batch evaluation draws the same samples as one
     evaluate_dataset call over the whole test set: the same estimates, bitwise."""

@@ -69,6 +69,13 @@ TEST_SIZE_HELP = (
     "train and evaluate alike (the test sets are sorted by label); bars is evaluated exactly "
     "over its 30 images and ignores it (default: all test points)"
 )
+#: ``evaluate --test-size``: the run's own subset unless given.
+EVALUATE_TEST_SIZE_HELP = (
+    "evaluate on N test points only: a fixed random subset, the same for every run and for "
+    "train and evaluate alike (the test sets are sorted by label; N at least the test set's "
+    "size: all of them); bars is evaluated exactly over its 30 images and ignores it "
+    "(default: the run's own --test-size, all test points if it had none)"
+)
 THREADS: Dict[str, Any] = {
     "type": nonnegative_int,
     "default": 1,

@@ -12,6 +12,7 @@ from typing import Any, Dict, Sequence
 
 from .. import __version__
 from .arguments import (
+    EVALUATE_TEST_SIZE_HELP,
     NO_PROGRESS,
     TEST_SIZE_HELP,
     THREADS,
@@ -345,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=100,
         help="test points evaluated at once: memory grows with it (default 100)",
     )
-    add("--test-size", type=positive_int, default=None, help=TEST_SIZE_HELP)
+    add("--test-size", type=positive_int, default=None, help=EVALUATE_TEST_SIZE_HELP)
     add("--device", default=None, help="cpu, cuda or cuda:N (default: the run's)")
     add("--threads", **THREADS)
     add("--no-progress", **NO_PROGRESS)
