@@ -35,8 +35,9 @@ def _grads(step):
     return [torch.randn(shape, generator=gen) for shape in SHAPES]
 
 
-def _run(optim, params, steps=20, stepper=None):
-    for step in range(steps):
+def _run(optim, params, steps=20, stepper=None, first=0):
+    """Steps ``first`` to ``first + steps - 1``, each with its own fixed gradients."""
+    for step in range(first, first + steps):
         for p, g in zip(params, _grads(step)):
             p.grad = g.clone()
         if stepper is None:
@@ -166,24 +167,6 @@ def test_a_learning_rate_changed_in_pyros_optimizers_is_followed():
         assert torch.equal(p, q)
 
 
-def _steps(optim, params, stepper, first, last):
-    for step in range(first, last):
-        for p, g in zip(params, _grads(step)):
-            p.grad = g.clone()
-        stepper(optim, params)
-        for p in params:
-            p.grad = None
-
-
-def _steps(optim, params, stepper, first, last):
-    for step in range(first, last):
-        for p, g in zip(params, _grads(step)):
-            p.grad = g.clone()
-        stepper(optim, params)
-        for p in params:
-            p.grad = None
-
-
 def test_state_loaded_by_set_state_is_used():
     """A state loaded by Pyro's set_state (taken up when the parameter's optimizer is made,
     as on a resume) is the one the next fused steps continue from, even by a FusedSteps that
@@ -191,23 +174,23 @@ def test_state_loaded_by_set_state_is_used():
     a = _params("a")
     optim_a = pyro.optim.Adam({"lr": 0.05})
     _make(optim_a, a)
-    _steps(optim_a, a, FusedSteps(), 0, 10)
+    _run(optim_a, a, steps=10, stepper=FusedSteps())
 
     b = _params("b")
-    first = pyro.optim.Adam({"lr": 0.05})
-    _make(first, b)
+    earlier = pyro.optim.Adam({"lr": 0.05})
+    _make(earlier, b)
     steps = FusedSteps()
-    _steps(first, b, steps, 0, 5)
-    saved_state = copy.deepcopy(first.get_state())  # get_state holds the live tensors
+    _run(earlier, b, steps=5, stepper=steps)
+    saved_state = copy.deepcopy(earlier.get_state())  # get_state holds the live tensors
     saved = [p.detach().clone() for p in b]
-    _steps(first, b, steps, 20, 23)  # other updates, then back to step 5
+    _run(earlier, b, steps=3, stepper=steps, first=20)  # other updates, then back to step 5
     with torch.no_grad():
         for p, v in zip(b, saved):
             p.copy_(v)
     second = pyro.optim.Adam({"lr": 0.05})
     second.set_state(saved_state)
     _make(second, b)
-    _steps(second, b, steps, 5, 10)
+    _run(second, b, steps=5, stepper=steps, first=5)
     for p, q in zip(a, b):
         assert torch.equal(p, q)
 
