@@ -7,8 +7,9 @@ WakeSleepModule, with the scaling efficiency and the all-reduce's share of a ste
                                  [--num-particles 5,1] [--json out.json] [--quick]
     python benchmarks/scaling.py --backend nccl --device cuda   # one GPU per process
 
-Every measurement spawns ``world`` fresh processes (torch.multiprocessing, a process group on
-127.0.0.1 with a free port, one intra-op and one inter-op thread per process), world 1
+Every measurement spawns ``world`` fresh processes (torch.multiprocessing, a process group whose
+ranks meet through a file in a fresh temporary folder, so that no port is picked beforehand
+for another program to take; one intra-op and one inter-op thread per process), world 1
 included, so that both sizes run the same code path. Each rank builds the same network from
 seed 0 (HelmholtzMachine of ``--layers``, model and guide scaled by the world size as in
 examples/distributed.py), then draws from its own seed and trains on its contiguous
@@ -56,7 +57,6 @@ import faulthandler
 import json
 import os
 import platform
-import socket
 import statistics
 import tempfile
 import time
@@ -231,7 +231,7 @@ def measure(engine: str, K: int, x: torch.Tensor, args, device, sync) -> Dict[st
     }
 
 
-def _worker(rank: int, world: int, port: int, args, out_dir: str) -> None:
+def _worker(rank: int, world: int, args, out_dir: str) -> None:
     faulthandler.enable()  # a crash in C++ (gloo) still shows where Python was
     torch.set_num_threads(1)
     try:
@@ -250,7 +250,10 @@ def _worker(rank: int, world: int, port: int, args, out_dir: str) -> None:
             pass
 
     dist.init_process_group(
-        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+        backend,
+        init_method="file://" + os.path.join(out_dir, "rendezvous"),
+        rank=rank,
+        world_size=world,
     )
     try:
         data = load_digits()["train"]
@@ -277,18 +280,10 @@ def _ks(args) -> List[int]:
     return [int(k) for k in args.num_particles.split(",")]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_world(world: int, args) -> List[Dict[str, Dict[str, float]]]:
     """Spawn ``world`` processes for one measurement; each rank's record."""
     with tempfile.TemporaryDirectory() as out_dir:
-        torch.multiprocessing.spawn(
-            _worker, args=(world, free_port(), args, out_dir), nprocs=world, join=True
-        )
+        torch.multiprocessing.spawn(_worker, args=(world, args, out_dir), nprocs=world, join=True)
         ranks = []
         for rank in range(world):
             with open(os.path.join(out_dir, f"rank{rank}.json")) as f:

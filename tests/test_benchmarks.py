@@ -56,7 +56,8 @@ def test_scaling_quick_writes_rates_efficiency_and_allreduce_shares(tmp_path):
     out = tmp_path / "scaling.json"
     command = [sys.executable, str(BENCHMARKS / "scaling.py"), "--quick"]
     command += ["--layers", "784,20", "--batch-size", "8", "--json", str(out)]
-    subprocess.run(command, check=True, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     report = json.loads(out.read_text())
     assert report["meta"]["backend"] == "gloo" and report["meta"]["repeats"] == 1
     engines = [(r["engine"], r["K"]) for r in report["results"]]
