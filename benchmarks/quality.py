@@ -78,6 +78,7 @@ from pyro_wakesleep import (
     evaluate_dataset,
 )
 from pyro_wakesleep.datasets import DatasetError, load_binarized_mnist
+from pyro_wakesleep.evaluate import CHUNK_SIZE
 from pyro_wakesleep.models import HelmholtzMachine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,7 +193,7 @@ def evaluate(
             test,
             batch_size=100,
             num_samples=num_samples,
-            chunk_size=min(500, num_samples),
+            chunk_size=min(CHUNK_SIZE, num_samples),
             max_plate_nesting=net.max_plate_nesting,
         )
     finally:

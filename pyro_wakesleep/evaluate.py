@@ -28,11 +28,20 @@ lower bound on :math:`\log p_\theta(x_i)` that tightens as :math:`S` grows (bias
 
 The particles are drawn ``chunk_size`` at a time along a vectorized particle plate (left of the
 model's plates) without gradients, and reduced on the fly, so memory stays bounded by one
-chunk however large ``num_samples`` is. A model or guide that reads a sampled value into Python
-(stochastic control flow) is evaluated with ``vectorize_particles=False``: one particle at a
-time, still per data point (the iterations of a sequential ``for i in pyro.plate(...)`` are
-data points as the indices of a vectorized plate are); when vectorized particles were asked for
-and the programs read a value, the evaluation falls back to that, with a warning.
+chunk however large ``num_samples`` is. Small chunks are also faster on CPU, down to where
+Pyro's fixed cost per chunk shows: a large chunk's tensors are handed back to the system when
+freed and faulted in afresh for the next chunk. The default, :data:`CHUNK_SIZE` = 25, keeps a
+chunk of 100 binarized-MNIST digits under 8 MB per tensor. Measured for 1000 samples on 500
+digits, two threads, each in a fresh process: 4.2 s with chunks of 25 against 6.6-6.7 s with
+50 and 7.2-7.4 s with 500 (784-200); 9.1-10.1 s against 9.5-9.7 and 15.8-16.1 s
+(784-200-200-200). The chunk size orders the random draws of a model with several latent
+sites, so a seeded estimate reproduces with the same ``chunk_size`` (and batches).
+
+A model or guide that reads a sampled value into Python (stochastic control flow) is evaluated
+with ``vectorize_particles=False``: one particle at a time, still per data point (the
+iterations of a sequential ``for i in pyro.plate(...)`` are data points as the indices of a
+vectorized plate are); when vectorized particles were asked for and the programs read a value,
+the evaluation falls back to that, with a warning.
 
 **Exact enumeration** (:func:`exact_log_likelihood`, in :mod:`pyro_wakesleep.enumeration`
 and re-exported here) computes :math:`\log p_\theta(x_i)` for small discrete models.
@@ -71,7 +80,17 @@ from .enumeration import exact_log_likelihood
 from .particles import reads_values
 from .traces import guide_then_model, particle_plate, plate_nesting
 
-__all__ = ["LogLikelihood", "evaluate_dataset", "exact_log_likelihood", "importance_log_likelihood"]
+__all__ = [
+    "CHUNK_SIZE",
+    "LogLikelihood",
+    "evaluate_dataset",
+    "exact_log_likelihood",
+    "importance_log_likelihood",
+]
+
+
+#: The default number of importance samples drawn at once (see the module docs).
+CHUNK_SIZE = 25
 
 
 class LogLikelihood(NamedTuple):
@@ -128,7 +147,7 @@ def importance_log_likelihood(
     guide: Callable,
     *args: Any,
     num_samples: int = 5000,
-    chunk_size: int = 500,
+    chunk_size: int = CHUNK_SIZE,
     max_plate_nesting: Optional[int] = None,
     vectorize_particles: bool = True,
     **kwargs: Any,
@@ -271,7 +290,7 @@ def evaluate_dataset(
     *,
     batch_size: int = 100,
     num_samples: int = 5000,
-    chunk_size: int = 500,
+    chunk_size: int = CHUNK_SIZE,
     max_plate_nesting: Optional[int] = None,
     vectorize_particles: bool = True,
     **kwargs: Any,

@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional
 
 import pyro
 
+from ..evaluate import CHUNK_SIZE
 from .build import build_model, build_wake_sleep, resolve_device
 from .optimizers import lr_schedule
 from .registry import load_task
@@ -98,7 +99,7 @@ def evaluation_record(
 def evaluate(
     folder: Path,
     num_samples: int,
-    chunk_size: int = 500,
+    chunk_size: int = CHUNK_SIZE,
     batch_size: int = 100,
     test_size: Optional[int] = None,
     device: Optional[str] = None,

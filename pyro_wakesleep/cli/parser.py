@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, Sequence
 
 from .. import __version__
+from ..evaluate import CHUNK_SIZE
 from .arguments import (
     EVALUATE_TEST_SIZE_HELP,
     NO_PROGRESS,
@@ -337,8 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--chunk-size",
         type=positive_int,
-        default=500,
-        help="samples drawn at once: memory grows with it (default 500)",
+        default=CHUNK_SIZE,
+        help=f"samples drawn at once: memory grows with it; it orders the random draws "
+        f"(default {CHUNK_SIZE})",
     )
     add(
         "--batch-size",

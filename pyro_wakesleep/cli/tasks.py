@@ -24,7 +24,7 @@ import torch
 from pyro import poutine
 
 from ..datasets import Bars, load_dataset
-from ..evaluate import LogLikelihood, evaluate_dataset, exact_log_likelihood
+from ..evaluate import CHUNK_SIZE, LogLikelihood, evaluate_dataset, exact_log_likelihood
 from ..traces import guide_then_model, plate_nesting
 from .errors import CommandError
 
@@ -124,7 +124,7 @@ class Task:
         self,
         net: Any,
         num_samples: int,
-        chunk_size: int = 500,
+        chunk_size: int = CHUNK_SIZE,
         batch_size: int = 100,
         progress: bool = False,
     ) -> Dict[str, Any]:
