@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,23 @@ def test_lr_decay_schedule():
     assert lr_factor({"lr_decay": 0.0, "lr_final": 0.01}, 99, 100) == 1.0
 
 
+def _bad_input_argv(tmp_path, argv, fragment):
+    """The case's arguments and expected fragment, in a fresh folder; an output folder for
+    train and a test size for evaluate, so that nothing is written outside it."""
+    argv = [a.replace("/nonexistent", str(tmp_path / "nonexistent")) for a in argv]
+    fragment = fragment.replace("/nonexistent", str(tmp_path / "nonexistent"))
+    extra = ["--output", str(tmp_path / "out")] if argv[0] == "train" else ["--test-size", "5"]
+    return argv + extra, fragment
+
+
+def _assert_one_line(code, stderr, fragment):
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    assert fragment in lines[0]
+
+
 @pytest.mark.parametrize(
     "argv, fragment",
     [
@@ -182,27 +200,40 @@ def test_lr_decay_schedule():
         ),
     ],
 )
-def test_bad_input_is_one_line_and_nonzero(tmp_path, argv, fragment):
-    argv = [a.replace("/nonexistent", str(tmp_path / "nonexistent")) for a in argv]
-    fragment = fragment.replace("/nonexistent", str(tmp_path / "nonexistent"))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pyro_wakesleep",
-            *argv,
-            "--output" if argv[0] == "train" else "--test-size",
-            str(tmp_path / "out") if argv[0] == "train" else "5",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert fragment in lines[0]
+def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, argv, fragment):
+    """In-process (the command's main, as the console script calls it): exit status 2 and
+    one line on stderr. A warning would be more lines on a terminal, so none may be raised
+    (recorded with Python's default filters, those of a fresh process)."""
+    argv, fragment = _bad_input_argv(tmp_path, argv, fragment)
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            code = main(argv)
+        except SystemExit as stop:  # argparse's own errors
+            code = stop.code
+    assert not [str(w.message) for w in caught if w.category is not DeprecationWarning]
+    _assert_one_line(code, capsys.readouterr().err, fragment)
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["train", "--batch-size", "0"], "--batch-size"),
+        (
+            ["train", "--dataset", "binarized-mnist", "--data-path", "/nonexistent.npz"],
+            "/nonexistent.npz",
+        ),
+        (["evaluate", "/nonexistent-run"], "/nonexistent-run"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero_in_a_process(tmp_path, argv, fragment):
+    """The same, as a user's shell sees it: a fresh ``python -m pyro_wakesleep`` process (an
+    argument error, a data file, a run folder)."""
+    argv, fragment = _bad_input_argv(tmp_path, argv, fragment)
+    command = [sys.executable, "-m", "pyro_wakesleep", *argv]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    _assert_one_line(result.returncode, result.stderr, fragment)
 
 
 def test_malformed_data_file_is_one_line(tmp_path):
