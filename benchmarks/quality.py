@@ -51,7 +51,7 @@ estimator with every checkpoint) and ``--png`` (test log-likelihood against trai
 with the published RWS result as a dashed line when ``--layers 784,200,200,200``), both in
 ``--out`` (``benchmarks/out/`` by default).
 
-``--quick`` is a smoke test of a few seconds per estimator, not a measurement.
+``--quick`` is a smoke test of about a second per estimator, not a measurement.
 """
 
 from __future__ import annotations
@@ -366,11 +366,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke test: 5 s per estimator, 200 test digits, 50 samples, 2 checkpoints",
+        help="smoke test: 1 s per estimator, 200 test digits, 50 samples, 2 checkpoints",
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.budget_seconds, args.epochs = 5.0, None
+        args.budget_seconds, args.epochs = 1.0, None
         args.test_size, args.num_samples, args.evals = 200, 50, 2
         args.eval_samples_during = min(args.eval_samples_during, 10)
     if args.budget_seconds is None and args.epochs is None:
