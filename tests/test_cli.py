@@ -95,6 +95,35 @@ def test_jit_trains_bitwise_like_the_eager_run(tmp_path):
     assert untimed[0] == untimed[1]
 
 
+def test_training_does_not_depend_on_when_it_is_evaluated(tmp_path, capsys):
+    """Evaluations draw from a stream of their own (the run's seed and the step), so a run
+    evaluated after every epoch with 4 samples trains bitwise like one evaluated only at its
+    end, and ``evaluate`` with the final evaluation's settings redraws its very estimate."""
+    often, rarely = tmp_path / "often", tmp_path / "rarely"
+    common = [a for a in TINY if a not in ("--epochs", "2")]
+    assert main(["train", "--output", str(often), "--epochs", "3", *common]) == 0
+    rare = [*common, "--eval-every", "3", "--eval-samples", "7"]
+    assert main(["train", "--output", str(rarely), "--epochs", "3", *rare]) == 0
+    a, b = net_state(often), net_state(rarely)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["wake_theta"] for r in rows(often)] == [r["wake_theta"] for r in rows(rarely)]
+    assert "" not in [r["test_log_likelihood"] for r in rows(often)]
+    assert [r["test_log_likelihood"] for r in rows(rarely)][:2] == ["", ""]
+    final = json.loads((often / "final.json").read_text())
+    assert final == {**json.loads((rarely / "final.json").read_text()), **_timing(final)}
+    capsys.readouterr()
+    assert main(["evaluate", str(often), "--num-samples", "8"]) == 0
+    again = json.loads((often / "evaluation_8.json").read_text())
+    assert again["test_log_likelihood"] == final["test_log_likelihood"]
+    assert again["test_stderr"] == final["test_stderr"]
+
+
+def _timing(record):
+    return {k: v for k, v in record.items() if k.endswith("seconds") or k == "steps_per_s"}
+
+
 def test_evaluate_command(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--output", str(out), *TINY]) == 0

@@ -20,7 +20,7 @@ from .optimizers import lr_schedule
 from .registry import load_task
 from .runs import CHECKPOINT, evaluation_file, write_json
 from .state import read_run
-from .tasks import Task
+from .tasks import Task, evaluation_stream
 
 
 def nonfinite_message(result: Dict[str, Any]) -> str:
@@ -141,9 +141,9 @@ def evaluate(
     total = config["epochs"] * task.batches_per_epoch(config["batch_size"])
     ws = build_wake_sleep(net, config, lr_schedule(config, total))
     ws.load(folder / CHECKPOINT, task.probe_batch())
-    pyro.set_rng_seed(config["seed"])
     started = time.time()
-    result = task.evaluate(net, num_samples, chunk_size, batch_size, progress)
+    with evaluation_stream(config["seed"], ws.num_steps, dev):
+        result = task.evaluate(net, num_samples, chunk_size, batch_size, progress)
     record = evaluation_record(result, task, num_samples, config, ws.num_steps, saved.epoch)
     record["evaluation_seconds"] = time.time() - started
     path = folder / evaluation_file(None if task.exact else num_samples)

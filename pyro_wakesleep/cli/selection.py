@@ -14,7 +14,7 @@ import torch
 from .. import WakeSleep
 from .build import build_model, build_wake_sleep, shrink_weights
 from .optimizers import Schedule
-from .tasks import Task
+from .tasks import Task, evaluation_stream
 
 
 def select_candidate(
@@ -52,7 +52,8 @@ def select_candidate(
                 ws.step(task.draw_batch(config["batch_size"], generator))
                 shrink_weights(net, ws, config)
         done = upto
-        scores = {c[0]: task.selection_score(c[1], held_in) for c in candidates}
+        with evaluation_stream(seed, upto, task.device):
+            scores = {c[0]: task.selection_score(c[1], held_in) for c in candidates}
         scored = sorted(candidates, key=lambda c: -scores[c[0]])
         keep = 1 if i == len(rounds) - 1 else max(1, math.ceil(len(candidates) / 3))
         candidates = scored[:keep]

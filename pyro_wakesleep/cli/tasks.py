@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List
 
 import pyro
 import torch
@@ -42,6 +43,21 @@ def subset_indices(count: int, size: int) -> torch.Tensor:
     """
     order = torch.randperm(count, generator=torch.Generator().manual_seed(TEST_SUBSET_SEED))
     return order[:size].sort().values
+
+
+@contextmanager
+def evaluation_stream(seed: int, step: int, device: torch.device) -> Iterator[None]:
+    """
+    Draw from a random stream of the evaluation's own, seeded by the run's ``seed`` and the
+    ``step`` evaluated, and give the training back its random state afterwards (torch's, on
+    the CPU and on ``device``). So a run trains the same whenever and however often it is
+    evaluated (``--eval-every``, ``--eval-samples``, candidates' scores), and ``evaluate`` on
+    a finished run redraws its final evaluation's samples.
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed((seed * 1_000_003 + step + 1) % 2**63)
+        yield
 
 
 def net_device(net: torch.nn.Module) -> torch.device:

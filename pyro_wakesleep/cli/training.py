@@ -42,7 +42,7 @@ from .runs import (
 )
 from .selection import select_candidate
 from .state import EVALUATION_FIELDS, METRIC_FIELDS, SavedRun, jsonable, read_run, run_state
-from .tasks import Task
+from .tasks import Task, evaluation_stream
 
 
 def train(
@@ -211,7 +211,8 @@ def _train(
                     "steps_per_s": f"{batches_per_epoch / max(epoch_seconds, 1e-9):.1f}",
                 }
                 if (epoch + 1) % config["eval_every"] == 0 or epoch + 1 == config["epochs"]:
-                    evaluation = task.evaluate(net, config["eval_samples"], progress=progress)
+                    with evaluation_stream(config["seed"], ws.num_steps, dev):
+                        evaluation = task.evaluate(net, config["eval_samples"], progress=progress)
                     if nonfinite_message(evaluation):
                         warnings.warn(
                             f"epoch {epoch + 1}: {nonfinite_message(evaluation)}", stacklevel=2
@@ -261,7 +262,8 @@ def _train(
             message += f": continue with pyro-wakesleep train --resume {folder}"
         raise Interrupted(message) from None
     evaluation_started = time.time()
-    final = task.evaluate(net, config["final_samples"], progress=progress)
+    with evaluation_stream(config["seed"], ws.num_steps, dev):
+        final = task.evaluate(net, config["final_samples"], progress=progress)
     if nonfinite_message(final):
         warnings.warn(f"final evaluation: {nonfinite_message(final)}", stacklevel=2)
     timing = {
