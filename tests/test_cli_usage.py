@@ -247,13 +247,20 @@ def test_the_final_evaluation_is_saved_in_the_run_folder(tmp_path, capsys):
 
 
 def test_evaluate_saves_its_own_file_and_leaves_final_json(template, tmp_path, capsys):
+    """On the run's own test points: evaluation_<samples>.json; on those of another
+    --test-size: a file of their own, which leaves the first one as it was."""
     folder = copy_run(template, tmp_path)
     before = (folder / "final.json").read_bytes()
+    status, out, _ = run(["evaluate", folder, "--num-samples", "16", "--no-progress"], capsys)
+    assert status == 0 and f"saved in {folder / 'evaluation_16.json'}" in out
+    own = (folder / "evaluation_16.json").read_bytes()
+    assert json.loads(own)["test_points"] == 20  # the run's --test-size
     argv = ["evaluate", folder, "--num-samples", "16", "--test-size", "10", "--no-progress"]
     status, out, _ = run(argv, capsys)
-    assert status == 0 and f"saved in {folder / 'evaluation_16.json'}" in out
+    assert status == 0 and f"saved in {folder / 'evaluation_16_test10.json'}" in out
     assert (folder / "final.json").read_bytes() == before
-    saved = json.loads((folder / "evaluation_16.json").read_text())
+    assert (folder / "evaluation_16.json").read_bytes() == own
+    saved = json.loads((folder / "evaluation_16_test10.json").read_text())
     assert (saved["num_samples"], saved["test_points"], saved["step"]) == (16, 10, 60)
     printed = float(out.split("test log-likelihood")[-1].split()[0])
     assert saved["test_log_likelihood"] == pytest.approx(printed, abs=1e-3)
@@ -265,9 +272,9 @@ def test_final_and_evaluation_files_belong_to_the_run(template, tmp_path, capsys
     argv = ["evaluate", folder, "--num-samples", "4", "--test-size", "5", "--no-progress"]
     assert run(argv, capsys)[0] == 0
     status, _, err = run(["train", "--output", folder, *TINY, "--layers", "784,4"], capsys)
-    assert status == 2 and "final.json" in err[0] and "evaluation_4.json" in err[0]
+    assert status == 2 and "final.json" in err[0] and "evaluation_4_test5.json" in err[0]
     assert run(["train", "--output", folder, *TINY, "--overwrite"], capsys)[0] == 0
-    assert not (folder / "evaluation_4.json").exists() and (folder / "final.json").exists()
+    assert not (folder / "evaluation_4_test5.json").exists() and (folder / "final.json").exists()
     alone = tmp_path / "alone"
     alone.mkdir()
     shutil.copy(folder / "final.json", alone)

@@ -107,7 +107,8 @@ def evaluate(
 ) -> Dict[str, Any]:
     """
     Re-estimate the test log-likelihood of the run saved in ``folder``, and save it there in
-    ``evaluation_<num_samples>.json`` (``evaluation_exact.json`` for bars), atomically: never
+    ``evaluation_<num_samples>.json`` (``evaluation_<num_samples>_test<points>.json`` with
+    ``test_size``, ``evaluation_exact.json`` for bars), atomically: never
     in the training's ``final.json``. A folder that cannot be written to gives a warning.
 
     :param folder: the run folder.
@@ -146,7 +147,12 @@ def evaluate(
         result = task.evaluate(net, num_samples, chunk_size, batch_size, progress)
     record = evaluation_record(result, task, num_samples, config, ws.num_steps, saved.epoch)
     record["evaluation_seconds"] = time.time() - started
-    path = folder / evaluation_file(None if task.exact else num_samples)
+    if task.exact:
+        path = folder / evaluation_file(None)
+    else:
+        # Another --test-size is another evaluation: its own file, not the run's one.
+        points = None if test_size is None else result["count"]
+        path = folder / evaluation_file(num_samples, points)
     try:
         write_json(path, record)
     except OSError as error:

@@ -324,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="re-estimate a run's test log-likelihood",
         description="Re-estimate the test log-likelihood of a saved run and save it in the run's "
-        "folder, in evaluation_<num-samples>.json (evaluation_exact.json for bars); the "
+        "folder, in evaluation_<num-samples>.json (evaluation_<num-samples>_test<points>.json "
+        "with --test-size, evaluation_exact.json for bars); the "
         "training's own final evaluation, final.json, is left as it is.",
     )
     add = evaluate.add_argument

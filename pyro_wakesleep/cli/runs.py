@@ -46,10 +46,15 @@ RUN_FILES = (CHECKPOINT, CONFIG, METRICS, FINAL, *FIGURES)
 EVALUATIONS = "evaluation_*.json"
 
 
-def evaluation_file(num_samples: Optional[int]) -> str:
-    """The name of the file ``evaluate`` writes: ``evaluation_<num_samples>.json``, or
-    ``evaluation_exact.json`` for an exact evaluation (``None``)."""
-    return f"evaluation_{'exact' if num_samples is None else num_samples}.json"
+def evaluation_file(num_samples: Optional[int], test_points: Optional[int] = None) -> str:
+    """The name of the file ``evaluate`` writes: ``evaluation_<num_samples>.json`` on the run's
+    own test points, ``evaluation_<num_samples>_test<test_points>.json`` on the
+    ``test_points`` that ``--test-size`` chose, or ``evaluation_exact.json`` for an exact
+    evaluation (``num_samples`` ``None``)."""
+    if num_samples is None:
+        return "evaluation_exact.json"
+    tag = "" if test_points is None else f"_test{test_points}"
+    return f"evaluation_{num_samples}{tag}.json"
 
 
 class RunFolderError(Exception):
