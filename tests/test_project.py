@@ -77,6 +77,19 @@ def test_ruff_check_is_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_ruff_format_is_clean():
+    """``ruff format --check .``: every Python file, notebook cell and Markdown code block is
+    formatted as ruff formats it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", "--no-cache", "."],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_mypy_is_clean(tmp_path):
     """``mypy`` (the configuration in pyproject.toml: the package, Python 3.10) finds nothing."""
     result = subprocess.run(
