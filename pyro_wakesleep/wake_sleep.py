@@ -78,7 +78,10 @@ class WakeSleep:
         group (:mod:`pyro_wakesleep.distributed`): each process steps on its own shard of the
         data with its own draws (seed each process differently), rank 0's parameters are
         broadcast at the first step, every step averages the losses and gradients, and a
-        failure on any process is raised on every process with nothing updated anywhere.
+        failure on any process is raised on every process with nothing updated anywhere. A loss
+        with a state of its own (a ``state_dict``, as
+        :class:`~pyro_wakesleep.memoised.MemoisedWakeSleepLoss` has) is
+        refused: each process would keep its own.
     :param bool jit: record a step's tensor operations once per signature of the arguments and
         replay them (:mod:`pyro_wakesleep.jit`): bitwise the eager step, without the fixed cost
         of Pyro's machinery. Only for models and guides of static structure, as for Pyro's JIT
@@ -147,6 +150,13 @@ class WakeSleep:
         self.recorder = StepRecorder(self.loss) if jit else None
         #: The optimizer-step layer: fused Adam/AdamW updates (``fuse_optim=True``).
         self.optimizer_steps = FusedSteps(enabled=fuse_optim)
+        if distributed and hasattr(self.loss, "state_dict"):
+            raise ValueError(
+                f"distributed=True cannot train a {type(self.loss).__name__}: its state (its "
+                "state_dict(), such as memoised wake-sleep's memory) lives in one process, so "
+                "each process would keep its own and a checkpoint only one of them. Train it in "
+                "one process (distributed=False)."
+            )
         #: The process-group sync (``distributed=True``), else ``None``.
         self.sync = ProcessGroupSync() if distributed else None
         #: The number of updates taken (failed or skipped steps excluded).

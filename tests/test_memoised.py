@@ -244,6 +244,9 @@ def test_svi_takes_the_memory_step_and_the_misuses_are_named():
     assert torch.isfinite(loss.state_dict()["scores"]).all()
     with pytest.raises(ValueError, match="jit=True cannot record a MemoisedWakeSleepLoss"):
         WakeSleep(model, guide, None, jit=True, loss=MemoisedWakeSleepLoss(2))
+    # Each process would keep a memory of its own (and a checkpoint rank 0's only).
+    with pytest.raises(ValueError, match="distributed=True cannot train a MemoisedWakeSleepLoss"):
+        WakeSleep(model, guide, None, distributed=True, loss=MemoisedWakeSleepLoss(2))
     ws = WakeSleep(model, guide, None, loss=MemoisedWakeSleepLoss(2, plate="points"))
     with pytest.raises(ValueError, match=r"no pyro.plate\('points'\)"):
         ws.differentiable_loss(x, torch.arange(N))
