@@ -12,7 +12,7 @@ follow are then identical on every process.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -24,10 +24,21 @@ class ProcessGroupSync:
     """
     Broadcast and averaging over ``torch.distributed``'s default process group.
 
+    :param loss: the loss of the steps it syncs; one with a state of its own (a
+        ``state_dict``, as memoised wake-sleep's memory) is refused: each process would keep
+        its own, and a checkpoint only one of them.
+    :raises ValueError: for such a loss.
     :raises RuntimeError: when the default process group is not initialized.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, loss: Any = None) -> None:
+        if hasattr(loss, "state_dict"):
+            raise ValueError(
+                f"distributed=True cannot train a {type(loss).__name__}: its state (its "
+                "state_dict(), such as memoised wake-sleep's memory) lives in one process, so "
+                "each process would keep its own and a checkpoint only one of them. Train it in "
+                "one process (distributed=False)."
+            )
         if not torch.distributed.is_initialized():
             raise RuntimeError(
                 "WakeSleep(distributed=True) needs torch.distributed's default process group: "

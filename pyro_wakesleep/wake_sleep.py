@@ -150,15 +150,8 @@ class WakeSleep:
         self.recorder = StepRecorder(self.loss) if jit else None
         #: The optimizer-step layer: fused Adam/AdamW updates (``fuse_optim=True``).
         self.optimizer_steps = FusedSteps(enabled=fuse_optim)
-        if distributed and hasattr(self.loss, "state_dict"):
-            raise ValueError(
-                f"distributed=True cannot train a {type(self.loss).__name__}: its state (its "
-                "state_dict(), such as memoised wake-sleep's memory) lives in one process, so "
-                "each process would keep its own and a checkpoint only one of them. Train it in "
-                "one process (distributed=False)."
-            )
         #: The process-group sync (``distributed=True``), else ``None``.
-        self.sync = ProcessGroupSync() if distributed else None
+        self.sync = ProcessGroupSync(self.loss) if distributed else None
         #: The number of updates taken (failed or skipped steps excluded).
         self.num_steps = 0
         #: The number of steps skipped for non-finite values (``skip_nonfinite=True``).
