@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,23 +67,12 @@ def test_readme_figures_exist():
         assert (ROOT / figure).read_bytes().startswith(b"\x89PNG"), figure
 
 
-def test_ruff_check_is_clean():
-    """``ruff check .`` on the whole repository (the rules in pyproject.toml) finds nothing."""
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["check", "format"])
+def test_ruff_is_clean(command):
+    """``ruff check .`` (the rules in pyproject.toml) and ``ruff format --check .`` (every
+    Python file, notebook cell and Markdown code block) on the whole repository find nothing."""
     result = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "--no-cache", "."],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_ruff_format_is_clean():
-    """``ruff format --check .``: every Python file, notebook cell and Markdown code block is
-    formatted as ruff formats it."""
-    result = subprocess.run(
-        [sys.executable, "-m", "ruff", "format", "--check", "--no-cache", "."],
+        [sys.executable, "-m", "ruff", *command, "--no-cache", "."],
         cwd=ROOT,
         capture_output=True,
         text=True,
