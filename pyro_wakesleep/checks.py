@@ -8,6 +8,7 @@ or parameter and says what to do.
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from typing import Any, Dict, List, NamedTuple, Optional
 
@@ -227,22 +228,25 @@ def _is_boolean(support: constraints.Constraint, value: torch.Tensor) -> bool:
 def _all_binary(value: torch.Tensor) -> torch.Tensor:
     """
     Whether every entry of a floating ``value`` is 0 or 1, as ``boolean.check(value).all()``
-    says, in two elementwise passes and a sum instead of three passes, two of them comparisons
-    (several times faster on CPU; it matters at large batches).
+    says, in one fused elementwise pass, its absolute value in place and a sum instead of
+    three passes, two of them comparisons (several times faster on CPU; it matters at large
+    batches).
 
-    In floating point ``v - v * v`` is zero exactly when ``fl(v * v) == v``: for ``v`` in
+    ``addcmul(v, v, v, value=-1)`` is ``v - v * v``, rounded once (a fused multiply-add) or
+    twice; either way it is zero exactly when ``v`` is 0 or 1. Rounded once, it is zero only
+    when ``v == v * v`` exactly. Rounded twice, only when ``fl(v * v) == v``: for ``v`` in
     {0, 1}, and for no other finite ``v`` (the square of a float next to 1 rounds to a float
-    farther from 1; any other square is far from ``v``). ``inf`` and NaN give NaN, a sum
-    that is not zero; the absolute values cannot cancel.
+    farther from 1; any other square is far from ``v``). ``inf`` and NaN give ``-inf`` or
+    NaN, a sum that is not zero; the absolute values cannot cancel.
     """
-    return (value - value * value).abs_().sum() == 0
+    return torch.addcmul(value, value, value, value=-1).abs_().sum() == 0
 
 
 def check_support(support: List[SupportCheck]) -> None:
     """Raise ``ValueError``, naming the site, if an observed value of
-    :func:`observed_support` lies outside its support."""
-    if not support or bool(torch.stack([check.ok for check in support]).all()):
-        return
+    :func:`observed_support` lies outside its support. Each check is read on its own: a
+    model has few observed sites, and stacking them first costs more than it saves (every torch
+    call counts on the hot path)."""
     for check in support:
         if not bool(check.ok):
             raise ValueError(
@@ -295,13 +299,19 @@ def nonfinite_problems(
 ) -> List[str]:
     """
     The losses and parameter gradients that hold NaN or infinity, named for a message; empty
-    when all are finite. One fused check on the hot path: a sum is NaN or infinite when any of
-    its terms is (a finite overflow would need entries near 1e38); the exact search runs only
-    when it fails.
+    when all are finite. One sum on the hot path: a sum is NaN or infinite when any of its
+    terms is (a finite overflow would need entries near 1e38); the exact search runs only when
+    it fails. The terms are added as Python floats: stacking them and reducing the stack is
+    more torch calls, each slow on a step whose large tensors have just left the caches.
     """
-    totals = [x.detach().reshape(()) for x in losses.values() if x is not None]
-    totals += [p.grad.sum() for p in params.values() if p.grad is not None]
-    if not totals or bool(torch.isfinite(torch.stack(totals)).all()):
+    total = 0.0
+    for x in losses.values():
+        if x is not None:
+            total += x.item()
+    for p in params.values():
+        if p.grad is not None:
+            total += p.grad.sum().item()
+    if math.isfinite(total):
         return []
     problems = [
         f"{name} loss"

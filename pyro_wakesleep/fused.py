@@ -56,12 +56,64 @@ def _group_key(optimizer: Any, p: torch.Tensor) -> Optional[Hashable]:
     group = optimizer.param_groups[0]
     if len(group["params"]) != 1 or p.grad is None or p.grad.is_sparse:
         return None
-    if any(group.get(name) is not default for name, default in _DEFAULT_ONLY.items()):
-        return None
-    hyper = tuple(sorted((k, v) for k, v in group.items() if k != "params"))
-    if any(isinstance(v, torch.Tensor) for _, v in hyper):
-        return None
-    return (type(optimizer), hyper, p.device, p.dtype)
+    hyper = []
+    for name, value in group.items():
+        if name == "params":
+            continue
+        if isinstance(value, torch.Tensor):
+            return None
+        hyper.append((name, value))
+    for name, default in _DEFAULT_ONLY.items():
+        if group.get(name) is not default:
+            return None
+    hyper.sort(key=_first)
+    return (type(optimizer), tuple(hyper), p.device, p.dtype)
+
+
+def _first(item: tuple) -> Any:
+    return item[0]
+
+
+class _Plan:
+    """
+    The fused steps of one list of parameters, kept while nothing they were made from changes:
+    each parameter's optimizer, its parameter group (by value: a changed learning rate makes a
+    new plan), its state dictionary (Pyro's ``set_state`` replaces them) and a dense gradient.
+    Checking that is a few identity tests per parameter, instead of grouping them afresh.
+    """
+
+    def __init__(self, optim: PyroOptim, params: List[torch.Tensor], fused: list) -> None:
+        #: The fused optimizers and the state each was given (their parameters' own).
+        self.fused = [(f, f.state) for f in fused]
+        self.params = list(params)
+        self.optimizers = [optim.optim_objs[p] for p in params]
+        # Copies of the groups (the hyperparameters when planned; "params" is the same list).
+        self.groups = [[dict(g) for g in opt.param_groups] for opt in self.optimizers]
+        self.states = [opt.state[p] for p, opt in zip(params, self.optimizers)]
+
+    def fits(self, optim: PyroOptim, params: List[torch.Tensor]) -> bool:
+        """Whether the plan still takes exactly the update of ``params`` that grouping them
+        afresh would."""
+        if len(params) != len(self.params):
+            return False
+        objs, clip = optim.optim_objs, optim.grad_clip
+        for p, planned, opt, groups, state in zip(
+            params, self.params, self.optimizers, self.groups, self.states
+        ):
+            grad = p.grad
+            if (
+                p is not planned
+                or objs.get(p) is not opt
+                or grad is None
+                or grad.is_sparse
+                or clip.get(p) is not None
+                or opt._optimizer_step_pre_hooks
+                or opt._optimizer_step_post_hooks
+                or opt.state.get(p) is not state
+                or opt.param_groups != groups
+            ):
+                return False
+        return True
 
 
 class FusedSteps:
@@ -69,8 +121,9 @@ class FusedSteps:
     The optimizer-step layer of :class:`~pyro_wakesleep.WakeSleep`: takes a PyroOptim's update
     of a list of parameters, fused where it can (see the module's docstring), and by the
     PyroOptim itself otherwise. Its state is the fused optimizers it built, one per group of
-    parameters (rebuilt when the group changes); the optimizer state proper stays in Pyro's
-    per-parameter optimizers.
+    parameters, and the plan of the last steps of each list of parameters (remade when a
+    parameter's optimizer, hyperparameters or state changes); the optimizer state proper stays
+    in Pyro's per-parameter optimizers.
 
     :param enabled: ``False`` steps every parameter by its PyroOptim (Pyro's own stepping,
         bitwise).
@@ -80,6 +133,7 @@ class FusedSteps:
         self.enabled = enabled
         self._fused: Dict[Hashable, torch.optim.Optimizer] = {}
         self._unsupported: set = set()
+        self._plans: Dict[Hashable, _Plan] = {}
 
     def __call__(self, optim: PyroOptim, params: List[torch.Tensor]) -> None:
         """
@@ -92,26 +146,44 @@ class FusedSteps:
         if not self.enabled or type(optim) is not PyroOptim:
             optim(params)
             return
+        key = (id(optim), *map(id, params))
+        plan = self._plans.get(key)
+        if plan is not None and plan.fits(optim, params):
+            for fused, state in plan.fused:
+                fused.state = state  # a fused optimizer may serve more than one plan
+                fused.step()
+            return
+        self._plans.pop(key, None)
         groups: Dict[Hashable, List[torch.Tensor]] = {}
         rest: List[torch.Tensor] = []
         for p in params:
             optimizer = optim.optim_objs.get(p)
-            key = None
+            group_key = None
             if optimizer is not None and optim.grad_clip.get(p) is None:
-                key = _group_key(optimizer, p)
-            if key is None or key in self._unsupported:
+                group_key = _group_key(optimizer, p)
+            if group_key is None or group_key in self._unsupported:
                 rest.append(p)
             else:
-                groups.setdefault(key, []).append(p)
-        for key, members in groups.items():
-            if not self._step(optim, key, members):
+                groups.setdefault(group_key, []).append(p)
+        stepped = []
+        for group_key, members in groups.items():
+            fused = self._step(optim, group_key, members)
+            if fused is None:
                 rest.extend(members)
+            else:
+                stepped.append(fused)
         if rest:
             optim(rest)
+        else:
+            if len(self._plans) >= _MAX_CACHED:
+                self._plans.clear()
+            self._plans[key] = _Plan(optim, params, stepped)
 
-    def _step(self, optim: PyroOptim, key: Hashable, params: List[torch.Tensor]) -> bool:
-        """One fused step of ``params`` (one group); ``False`` if torch has no fused kernel
-        for them (nothing was changed)."""
+    def _step(
+        self, optim: PyroOptim, key: Hashable, params: List[torch.Tensor]
+    ) -> Optional[torch.optim.Optimizer]:
+        """One fused step of ``params`` (one group): the fused optimizer that took it, or
+        ``None`` if torch has no fused kernel for them (nothing was changed)."""
         cls, hyper = key[0], key[1]  # type: ignore[index]
         cache_key = (key, tuple(id(p) for p in params))
         fused = self._fused.get(cache_key)
@@ -120,12 +192,12 @@ class FusedSteps:
             fused = self._build(cls, hyper, params)
             if fused is None:
                 self._unsupported.add(key)
-                return False
+                return None
             if len(self._fused) >= _MAX_CACHED:
                 self._fused.clear()  # groups that change at every step: keep memory bounded
             self._fused[cache_key] = fused
-        # The state is the per-parameter optimizers' own, shared (not copied): read afresh at
-        # each step, since Pyro's set_state (a resume) replaces those dictionaries.
+        # The state is the per-parameter optimizers' own, shared (not copied): read afresh
+        # when planning, since Pyro's set_state (a resume) replaces those dictionaries.
         state: Dict[torch.Tensor, Any] = {}
         for p in params:
             own = optim.optim_objs[p].state[p]
@@ -136,7 +208,7 @@ class FusedSteps:
             state[p] = own
         fused.state = state  # type: ignore[assignment]
         fused.step()
-        return True
+        return fused
 
     @staticmethod
     def _build(cls: type, hyper: tuple, params: List[torch.Tensor]) -> Optional[Any]:

@@ -28,6 +28,7 @@ another tensor. Such models must not use ``jit=True``.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Hashable, List, NamedTuple, Optional, Tuple
@@ -71,7 +72,11 @@ def signature(args: tuple, kwargs: dict) -> Optional[Signature]:
     autocast states. ``None`` if an argument that is not a tensor is unhashable (it cannot be
     told apart from a changed one).
     """
-    leaves, spec = pytree.tree_flatten((args, kwargs))
+    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+        # The common call, step(x): the tree of the arguments is known without flattening.
+        leaves, spec = list(args), _positional_spec(len(args))
+    else:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
     tensors: List[torch.Tensor] = []
     parts: List[Hashable] = []
     for leaf in leaves:
@@ -97,6 +102,12 @@ def signature(args: tuple, kwargs: dict) -> Optional[Signature]:
     # Global settings that change the recorded operations.
     settings = (torch.get_default_dtype(), _autocast_states())
     return Signature(tensors, (spec, tuple(parts), settings), leaves, spec)
+
+
+@functools.cache
+def _positional_spec(n: int) -> pytree.TreeSpec:
+    """The tree of ``(args, {})`` for ``n`` positional arguments that are tensors (leaves)."""
+    return pytree.tree_flatten((tuple(object() for _ in range(n)), {}))[1]
 
 
 def _autocast_states() -> Tuple[bool, bool]:

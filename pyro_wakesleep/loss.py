@@ -61,7 +61,10 @@ class WakeSleepPhases(NamedTuple):
     @property
     def total(self) -> torch.Tensor:
         """The scalar to differentiate: wake-theta plus phi."""
-        return sum(x for x in (self.wake_theta, self.phi) if x is not None)  # type: ignore
+        if self.wake_theta is None or self.phi is None:
+            alone = self.phi if self.wake_theta is None else self.wake_theta
+            return 0 if alone is None else alone  # type: ignore[return-value]
+        return self.wake_theta + self.phi
 
 
 class WakeSleepLoss(ELBO):

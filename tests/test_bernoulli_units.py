@@ -99,7 +99,7 @@ def _observed_ok(value: torch.Tensor) -> bool:
             st.floats(width=32, allow_nan=True, allow_infinity=True),
         ),
         min_size=1,
-        max_size=12,
+        max_size=40,  # past a vector register's lanes: the vectorized kernels and their tails
     ),
     st.sampled_from([torch.float32, torch.float64]),
 )
@@ -114,6 +114,12 @@ def test_support_check_refuses_each_awkward_value_alone():
         value = torch.tensor([[0.0, 1.0, bad]])
         with pyro.validation_enabled(False):
             assert _observed_ok(value) is False, bad
+        # In a long row too, in the vectorized part of the kernels and in their tail.
+        for position in (5, 20, 36):
+            value = (torch.arange(37.0) % 3 == 0).float().reshape(1, -1)
+            value[0, position] = bad
+            with pyro.validation_enabled(False):
+                assert _observed_ok(value) is False, (bad, position)
     assert _observed_ok(torch.tensor([[0.0, 1.0, -0.0]])) is True
 
 

@@ -238,3 +238,21 @@ def test_helmholtz_jit_and_eager_agree_bitwise_with_fused_steps():
         finals.append({n: p.detach().clone() for n, p in net.named_parameters()})
     for name in finals[0]:
         assert torch.equal(finals[0][name], finals[1][name]), name
+
+
+def test_a_step_hook_added_later_is_honoured():
+    """Steps are planned once and replayed while nothing changes; a hook registered on a
+    parameter's optimizer afterwards is a change: that parameter is stepped by its own
+    optimizer, which calls the hook, and the others stay fused."""
+    params = _params()
+    optim = pyro.optim.Adam({"lr": 0.05})
+    _make(optim, params)
+    steps = FusedSteps()
+    _run(optim, params, steps=5, stepper=steps)
+    calls = []
+    optim.optim_objs[params[0]].register_step_pre_hook(lambda *_: calls.append(1))
+    _run(optim, params, steps=3, stepper=steps, first=5)
+    assert len(calls) == 3
+    reference, _ = _reference(torch.optim.Adam, steps=8, lr=0.05)
+    for p, q in zip(params[1:], reference[1:]):
+        assert torch.equal(p, q.detach())
