@@ -31,7 +31,7 @@ Parameters whose hyperparameters differ (per-parameter learning rates) are group
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, Hashable, List, Optional
+from typing import Any, Callable, Dict, Hashable, List, Optional
 
 import torch
 from pyro.optim import PyroOptim
@@ -83,8 +83,9 @@ class _Plan:
     """
 
     def __init__(self, optim: PyroOptim, params: List[torch.Tensor], fused: list) -> None:
-        #: The fused optimizers and the state each was given (their parameters' own).
-        self.fused = [(f, f.state) for f in fused]
+        #: The fused optimizers, each with the state it was given (its parameters' own) and
+        #: its kernel called directly (or ``None``).
+        self.fused = [(f, f.state, _Kernel.of(f)) for f in fused]
         self.params = list(params)
         self.optimizers = [optim.optim_objs[p] for p in params]
         # Copies of the groups (the hyperparameters when planned; "params" is the same list).
@@ -113,6 +114,66 @@ class _Plan:
                 or opt.param_groups != groups
             ):
                 return False
+        return True
+
+
+class _Kernel:
+    """
+    The fused Adam or AdamW kernel of a fused optimizer's next steps, called directly: what
+    ``optimizer.step()`` does once its state exists (the step counts incremented, then the
+    kernel on the parameters, gradients and moments), without the wrapper around it (profiler
+    record, step hooks, grouping by device), a fixed cost that a small step notices. The same
+    kernel on the same tensors: the same update, bitwise. Planned after a first step by the
+    optimizer itself, which creates the state.
+    """
+
+    def __init__(self, kernel: Callable, params: list, states: list, hyper: dict) -> None:
+        self.kernel, self.params, self.states, self.hyper = kernel, params, states, hyper
+        #: Whether the kernel refused its arguments once (the optimizer steps from then on).
+        self.refused = False
+
+    @classmethod
+    def of(cls, fused: torch.optim.Optimizer) -> Optional[_Kernel]:
+        """The direct call of ``fused``'s kernel, or ``None`` where torch has none to call
+        (another version's private operators) or the state is not made yet."""
+        group = fused.param_groups[0]
+        adamw = type(fused) is torch.optim.AdamW or group.get("decoupled_weight_decay", False)
+        kernel = getattr(torch, "_fused_adamw_" if adamw else "_fused_adam_", None)
+        params = list(group["params"])
+        states = [fused.state.get(p) for p in params]
+        needed = ("step", "exp_avg", "exp_avg_sq") + (
+            ("max_exp_avg_sq",) if group["amsgrad"] else ()
+        )
+        if kernel is None or any(s is None or any(k not in s for k in needed) for s in states):
+            return None
+        beta1, beta2 = group["betas"]
+        hyper = dict(amsgrad=group["amsgrad"], lr=group["lr"], beta1=beta1, beta2=beta2,
+                     weight_decay=group["weight_decay"], eps=group["eps"],
+                     maximize=group["maximize"])  # fmt: skip
+        return cls(kernel, params, states, hyper)
+
+    def step(self) -> bool:
+        """One step; ``False`` (nothing changed) if the kernel refuses its arguments."""
+        if self.refused:
+            return False
+        states = self.states
+        steps = [s["step"] for s in states]
+        amsgrad = self.hyper["amsgrad"]
+        torch._foreach_add_(steps, 1)
+        try:
+            self.kernel(
+                self.params,
+                [p.grad for p in self.params],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
+                steps,
+                **self.hyper,
+            )
+        except (TypeError, RuntimeError):  # another signature: step through the optimizer
+            torch._foreach_sub_(steps, 1)
+            self.refused = True
+            return False
         return True
 
 
@@ -149,9 +210,10 @@ class FusedSteps:
         key = (id(optim), *map(id, params))
         plan = self._plans.get(key)
         if plan is not None and plan.fits(optim, params):
-            for fused, state in plan.fused:
-                fused.state = state  # a fused optimizer may serve more than one plan
-                fused.step()
+            for fused, state, kernel in plan.fused:
+                if kernel is None or not kernel.step():
+                    fused.state = state  # a fused optimizer may serve more than one plan
+                    fused.step()
             return
         self._plans.pop(key, None)
         groups: Dict[Hashable, List[torch.Tensor]] = {}
