@@ -57,6 +57,10 @@ class BernoulliUnits(dist.Independent):
         super().__init__(dist.Bernoulli(logits=logits), 1, validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):  # noqa: ANN001 - torch's signature
+        if _instance is None and torch.Size(batch_shape) == self.batch_shape:
+            # A plate expands every site's distribution to its batch shape, which is usually
+            # the shape it has: the distribution itself, without a copy and a view of logits.
+            return self
         new = self._get_checked_instance(BernoulliUnits, _instance)
         return super().expand(batch_shape, _instance=new)
 
