@@ -42,6 +42,29 @@ def test_sample_units_are_independent():
     assert abs(float(both) - 0.25) < 5 * math.sqrt(3 / 16 / n)
 
 
+@pytest.mark.parametrize("validate", [True, False])
+def test_it_is_bernoulli_to_event_1(validate):
+    """The same distribution as Pyro's ``Bernoulli(logits=logits).to_event(1)`` (made without
+    torch's broadcast_all): the same shapes, parameters, log-densities and validation; expanded
+    to its own batch shape it is itself, to another an expanded copy."""
+    logits = torch.randn(3, 4, requires_grad=True)
+    value = (torch.rand(3, 4) < 0.5).float()
+    with pyro.validation_enabled(validate):
+        ours = BernoulliUnits(logits)
+        pyros = pyro.distributions.Bernoulli(logits=logits).to_event(1)
+        assert type(ours.base_dist) is type(pyros.base_dist)
+        assert (ours.batch_shape, ours.event_shape) == (pyros.batch_shape, pyros.event_shape)
+        assert ours.base_dist._validate_args == pyros.base_dist._validate_args == validate
+        assert torch.equal(ours.base_dist.probs, pyros.base_dist.probs)
+        assert torch.allclose(ours.log_prob(value), pyros.log_prob(value))
+        if validate:
+            with pytest.raises(ValueError, match="logits"):
+                BernoulliUnits(torch.tensor([[float("nan")]]))
+    assert ours.expand(torch.Size([3])) is ours
+    wider = ours.expand(torch.Size([2, 3]))
+    assert wider.batch_shape == (2, 3) and torch.equal(wider.base_dist.logits[1], logits)
+
+
 @pytest.mark.parametrize(
     "logits_shape, batch_shape, sample_shape",
     [((5,), (), ()), ((5,), (3,), (2,)), ((1, 5), (4, 6), ()), ((7, 1, 5), (3, 7, 4), (2,))],

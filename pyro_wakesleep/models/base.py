@@ -12,6 +12,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.distributions.distribution import COERCIONS
 from torch import nn
 from torch.nn import functional
 
@@ -54,7 +55,7 @@ class BernoulliUnits(dist.Independent):
     """
 
     def __init__(self, logits: torch.Tensor, validate_args: Optional[bool] = None) -> None:
-        super().__init__(dist.Bernoulli(logits=logits), 1, validate_args=validate_args)
+        super().__init__(_bernoulli(logits, validate_args), 1, validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):  # noqa: ANN001 - torch's signature
         if _instance is None and torch.Size(batch_shape) == self.batch_shape:
@@ -79,8 +80,26 @@ class BernoulliUnits(dist.Independent):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        logits, value = torch.broadcast_tensors(self.base_dist.logits, value)
+        logits = self.base_dist.logits
+        if logits.shape != value.shape:
+            logits, value = torch.broadcast_tensors(logits, value)
         return -functional.binary_cross_entropy_with_logits(logits, value, reduction="none").sum(-1)
+
+
+def _bernoulli(logits: torch.Tensor, validate_args: Optional[bool]) -> dist.Bernoulli:
+    """
+    ``dist.Bernoulli(logits=logits)``, made as torch's own ``Bernoulli.expand`` makes one:
+    without ``broadcast_all``, which for a single tensor only adds a view of it (a node of the
+    autograd graph, at every site of every run). The same distribution, the same values.
+    Made the usual way where Pyro coerces distributions (a registered backend) or the logits
+    are not a tensor.
+    """
+    if COERCIONS or not isinstance(logits, torch.Tensor):
+        return dist.Bernoulli(logits=logits, validate_args=validate_args)
+    base = dist.Bernoulli.__new__(dist.Bernoulli)
+    base.logits = base._param = logits
+    super(torch.distributions.Bernoulli, base).__init__(logits.shape, validate_args=validate_args)
+    return base
 
 
 def _unexpanded(t: torch.Tensor) -> torch.Tensor:
