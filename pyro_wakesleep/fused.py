@@ -87,7 +87,7 @@ class _Plan:
         #: its kernel called directly (or ``None``).
         self.fused = [(f, f.state, _Kernel.of(f)) for f in fused]
         self.params = list(params)
-        self.optimizers = [optim.optim_objs[p] for p in params]
+        self.optimizers: List[Any] = [optim.optim_objs[p] for p in params]
         # Copies of the groups (the hyperparameters when planned; "params" is the same list).
         self.groups = [[dict(g) for g in opt.param_groups] for opt in self.optimizers]
         self.states = [opt.state[p] for p, opt in zip(params, self.optimizers)]
