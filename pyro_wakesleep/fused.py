@@ -104,7 +104,6 @@ class _Plan:
             grad = p.grad
             if (
                 p is not planned
-                or objs.get(p) is not opt
                 or grad is None
                 or grad.is_sparse
                 or clip.get(p) is not None
@@ -112,6 +111,7 @@ class _Plan:
                 or opt._optimizer_step_post_hooks
                 or opt.state.get(p) is not state
                 or opt.param_groups != groups
+                or objs.get(p) is not opt
             ):
                 return False
         return True
