@@ -19,7 +19,8 @@ spread):
 - ``hand-written step`` and ``hand-written Adam``: the hand loop, and its ``torch.optim.Adam``
   step alone on gradients of the same shapes.
 
-The differences are the answer: eager step - recorded step is what running the Pyro programs
+The differences (each the median over repeats of the two parts' difference within a repeat)
+are the answer: eager step - recorded step is what running the Pyro programs
 costs (effect handlers, traces, distribution objects, parameter-store lookups); recorded
 step - (forward + backward + update) is the driver (signature, checks, bookkeeping). With
 ``--profile`` a cProfile run of the eager step splits the Pyro part by function.
@@ -127,9 +128,15 @@ def measure(parts: Dict[str, Callable[[], None]], repeats: int, steps: int) -> D
                 part()
             times[name].append(1e3 * (time.perf_counter() - start) / steps)
     return {
-        name: {"median": statistics.median(t), "min": min(t), "max": max(t)}
+        name: {"median": statistics.median(t), "min": min(t), "max": max(t), "repeats": t}
         for name, t in times.items()
     }
+
+
+def paired(ms: Dict, a: str, b: str) -> float:
+    """The median over repeats of ``a - b``, each repeat's two parts timed back to back: the
+    load of a shared machine drifts between repeats, and a difference of medians keeps it."""
+    return statistics.median(x - y for x, y in zip(ms[a]["repeats"], ms[b]["repeats"]))
 
 
 def profile(parts: Dict[str, Callable[[], None]], steps: int) -> Dict[str, float]:
@@ -169,17 +176,21 @@ def main() -> None:
         parts = build(config)
         row: Dict = {"config": config["name"], "ms_per_step": measure(parts, args.repeats,
                                                                       args.steps)}  # fmt: skip
-        med = {name: v["median"] for name, v in row["ms_per_step"].items()}
+        ms = row["ms_per_step"]
         row["derived_ms"] = {
-            "running the Pyro programs (eager - recorded)": med["eager step"]
-            - med["recorded step"],
-            "driver (recorded - forward/backward/update)": med["recorded step"]
-            - med["forward + backward + update"],
-            "backward": med["forward + backward"] - med["forward ops"],
-            "update (fused Adam, grads cleared)": med["forward + backward + update"]
-            - med["forward + backward"],
-            "hand-written forward + backward (step - Adam)": med["hand-written step"]
-            - med["hand-written Adam"],
+            "running the Pyro programs (eager - recorded)": paired(
+                ms, "eager step", "recorded step"
+            ),
+            "driver (recorded - forward/backward/update)": paired(
+                ms, "recorded step", "forward + backward + update"
+            ),
+            "backward": paired(ms, "forward + backward", "forward ops"),
+            "update (fused Adam, grads cleared)": paired(
+                ms, "forward + backward + update", "forward + backward"
+            ),
+            "hand-written forward + backward (step - Adam)": paired(
+                ms, "hand-written step", "hand-written Adam"
+            ),
         }
         if args.profile:
             row["profile_ms"] = profile(parts, max(args.steps, 20))
