@@ -301,17 +301,19 @@ def nonfinite_problems(
     The losses and parameter gradients that hold NaN or infinity, named for a message; empty
     when all are finite. One sum on the hot path: a sum is NaN or infinite when any of its
     terms is (a finite overflow would need entries near 1e38); the exact search runs only when
-    it fails. The terms are added as Python floats: stacking them and reducing the stack is
-    more torch calls, each slow on a step whose large tensors have just left the caches.
+    it fails. On CPU the terms are added as Python floats: stacking them and reducing the stack
+    is more torch calls, each slow on a step whose large tensors have just left the caches. On
+    an accelerator they are stacked, so that the values are read back in one synchronization.
     """
-    total = 0.0
-    for x in losses.values():
-        if x is not None:
-            total += x.item()
-    for p in params.values():
-        if p.grad is not None:
-            total += p.grad.sum().item()
-    if math.isfinite(total):
+    values = [x for x in losses.values() if x is not None]
+    grads = [p.grad for p in params.values() if p.grad is not None]
+    if all(t.device.type == "cpu" for t in values + grads):
+        total = sum(x.item() for x in values) + sum(g.sum().item() for g in grads)
+        finite = math.isfinite(total)
+    else:
+        terms = [x.detach().reshape(()) for x in values] + [g.sum() for g in grads]
+        finite = bool(torch.isfinite(torch.stack(terms).sum()))
+    if finite:
         return []
     problems = [
         f"{name} loss"
