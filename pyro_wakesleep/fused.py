@@ -134,18 +134,15 @@ class _Kernel:
 
     @classmethod
     def of(cls, fused: torch.optim.Optimizer) -> Optional[_Kernel]:
-        """The direct call of ``fused``'s kernel, or ``None`` where torch has none to call
-        (another version's private operators) or the state is not made yet."""
+        """The direct call of ``fused``'s kernel (its state made by a first step), or ``None``
+        where torch has none to call (another version's private operators)."""
         group = fused.param_groups[0]
         adamw = type(fused) is torch.optim.AdamW or group.get("decoupled_weight_decay", False)
         kernel = getattr(torch, "_fused_adamw_" if adamw else "_fused_adam_", None)
-        params = list(group["params"])
-        states = [fused.state.get(p) for p in params]
-        needed = ("step", "exp_avg", "exp_avg_sq") + (
-            ("max_exp_avg_sq",) if group["amsgrad"] else ()
-        )
-        if kernel is None or any(s is None or any(k not in s for k in needed) for s in states):
+        if kernel is None:
             return None
+        params = list(group["params"])
+        states = [fused.state[p] for p in params]
         beta1, beta2 = group["betas"]
         hyper = dict(amsgrad=group["amsgrad"], lr=group["lr"], beta1=beta1, beta2=beta2,
                      weight_decay=group["weight_decay"], eps=group["eps"],

@@ -28,7 +28,6 @@ another tensor. Such models must not use ``jit=True``.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Hashable, List, NamedTuple, Optional, Tuple
@@ -56,10 +55,12 @@ class Signature(NamedTuple):
     tensors: List[torch.Tensor]
     key: Hashable
     leaves: list
-    spec: pytree.TreeSpec
+    spec: Optional[pytree.TreeSpec]  # None: the call's arguments are the tensors, in order
 
     def rebuild(self, tensors: tuple) -> Tuple[tuple, dict]:
         """``(args, kwargs)`` with ``tensors`` in place of the call's tensors, in order."""
+        if self.spec is None:
+            return tuple(tensors), {}
         it = iter(tensors)
         leaves = [next(it) if isinstance(leaf, torch.Tensor) else leaf for leaf in self.leaves]
         return pytree.tree_unflatten(leaves, self.spec)
@@ -72,26 +73,18 @@ def signature(args: tuple, kwargs: dict) -> Optional[Signature]:
     autocast states. ``None`` if an argument that is not a tensor is unhashable (it cannot be
     told apart from a changed one).
     """
-    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
-        # The common call, step(x): the tree of the arguments is known without flattening.
-        leaves, spec = list(args), _positional_spec(len(args))
-    else:
+    spec: Optional[pytree.TreeSpec] = None
+    if kwargs or not all(isinstance(a, torch.Tensor) for a in args):
         leaves, spec = pytree.tree_flatten((args, kwargs))
+    else:  # the common call, step(x): no tree to flatten (nor a TreeSpec to hash in the key)
+        leaves = list(args)
     tensors: List[torch.Tensor] = []
     parts: List[Hashable] = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             tensors.append(leaf)
-            parts.append(
-                (
-                    "tensor",
-                    tuple(leaf.shape),
-                    leaf.dtype,
-                    leaf.device,
-                    leaf.layout,
-                    leaf.requires_grad,
-                )
-            )
+            parts.append(("tensor", tuple(leaf.shape), leaf.dtype, leaf.device, leaf.layout,
+                          leaf.requires_grad))  # fmt: skip
         else:
             try:
                 hash(leaf)
@@ -102,12 +95,6 @@ def signature(args: tuple, kwargs: dict) -> Optional[Signature]:
     # Global settings that change the recorded operations.
     settings = (torch.get_default_dtype(), _autocast_states())
     return Signature(tensors, (spec, tuple(parts), settings), leaves, spec)
-
-
-@functools.cache
-def _positional_spec(n: int) -> pytree.TreeSpec:
-    """The tree of ``(args, {})`` for ``n`` positional arguments that are tensors (leaves)."""
-    return pytree.tree_flatten((tuple(object() for _ in range(n)), {}))[1]
 
 
 def _autocast_states() -> Tuple[bool, bool]:
@@ -121,10 +108,8 @@ def _keeps(node: Node) -> bool:
     """Dead-code elimination keeps side effects and every random draw (so that the replay
     consumes the random streams as the eager step does)."""
     target = node.target
-    if (
-        isinstance(target, torch._ops.OpOverload)
-        and torch.Tag.nondeterministic_seeded in target.tags
-    ):
+    seeded = torch.Tag.nondeterministic_seeded
+    if isinstance(target, torch._ops.OpOverload) and seeded in target.tags:
         return True
     return node.is_impure()
 

@@ -310,8 +310,9 @@ class WakeSleep:
                 if isinstance(total, torch.Tensor) and total.requires_grad:
                     total.backward()
                 assert self.optim is not None and self.guide_optim is not None
-                updates = [(self.optim, list(phases.theta.values()))] if wake else []
-                updates += [(self.guide_optim, list(phases.phi_params.values()))] if sleep else []
+                # A phase not asked for touched no parameter (its dict is empty).
+                theta, phi = list(phases.theta.values()), list(phases.phi_params.values())
+                updates = [(self.optim, theta), (self.guide_optim, phi)]
                 # Before the sync, so that a failure is every process's; dropped again if
                 # the step fails later.
                 made = make_optimizers(updates)
@@ -347,17 +348,14 @@ class WakeSleep:
             return None
         self.loss.validated = True
         if update:
-            touched = list(phases.theta.values()) + list(phases.phi_params.values())
-            theta = list(phases.theta.values()) if wake else []
-            phi = list(phases.phi_params.values()) if sleep else []
             if self.guide_optim is self.optim:
                 # One update of all (each parameter's own, whichever way it is grouped).
                 self.optimizer_steps(self.optim, theta + phi)  # type: ignore[arg-type]
             else:
-                for optim, params in ((self.optim, theta), (self.guide_optim, phi)):
+                for optim, params in updates:
                     if params:
                         self.optimizer_steps(optim, params)  # type: ignore[arg-type]
-            for p in touched:
+            for p in theta + phi:
                 p.grad = None
             self.num_steps += 1
             _commit(self.loss)
