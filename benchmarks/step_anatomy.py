@@ -65,21 +65,23 @@ PROFILED = [
 ]  # fmt: skip
 
 
+def wakesleep(config: Dict, name: str, jit: bool) -> WakeSleep:
+    """The benchmark's WakeSleep on fresh networks (seed 0) under Pyro name ``name``."""
+    K = config["K"]
+    torch.manual_seed(0)
+    net = HelmholtzMachine(config["layers"], name=name)
+    optim = pyro.optim.Adam({"lr": 1e-3})
+    return WakeSleep(net.model, net.guide, optim, num_particles=K,
+                     phi_objective="sleep" if K == 1 else "wake", max_plate_nesting=1,
+                     jit=jit)  # fmt: skip
+
+
 def build(config: Dict) -> Dict[str, Callable[[], None]]:
     """The timed parts, as closures over one batch."""
     K = config["K"]
     x = throughput._batch(config, "cpu")
     pyro.clear_param_store()
-    phi = "sleep" if K == 1 else "wake"
-
-    def wakesleep(name: str, jit: bool) -> WakeSleep:
-        torch.manual_seed(0)
-        net = HelmholtzMachine(config["layers"], name=name)
-        optim = pyro.optim.Adam({"lr": 1e-3})
-        return WakeSleep(net.model, net.guide, optim, num_particles=K, phi_objective=phi,
-                         max_plate_nesting=1, jit=jit)  # fmt: skip
-
-    eager, recorded = wakesleep("eager", False), wakesleep("recorded", True)
+    eager, recorded = wakesleep(config, "eager", False), wakesleep(config, "recorded", True)
     for _ in range(3):
         eager.step(x)
         recorded.step(x)
@@ -127,13 +129,8 @@ def inside_the_step(config: Dict, steps: int) -> Dict[str, float]:
     step of each part; ``driver`` is the step less the replay, the backward pass and the fused
     kernel.
     """
-    K = config["K"]
     x = throughput._batch(config, "cpu")
-    torch.manual_seed(0)
-    net = HelmholtzMachine(config["layers"], name="inside")
-    ws = WakeSleep(net.model, net.guide, pyro.optim.Adam({"lr": 1e-3}), num_particles=K,
-                   phi_objective="sleep" if K == 1 else "wake", max_plate_nesting=1,
-                   jit=True)  # fmt: skip
+    ws = wakesleep(config, "inside", jit=True)
     for _ in range(3):
         ws.step(x)
     assert ws.recorder is not None
